@@ -1,0 +1,56 @@
+# nucbook: `make demo` runs the main job, `make test` runs the tests. Both set up .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# runs never reach the network for models; albumentations must not ask for updates
+export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+
+.PHONY: venv demo test check-sync nbtest pytest export clean-nbs docs bench help
+help:
+	@echo "make demo   run the main notebook (CPU smoke profile, synthetic data) into runs/"
+	@echo "make test   check notebooks/library are in sync and clean, run notebook tests and pytest"
+	@echo "make export regenerate nucbook/ from nbs/ and clean the notebooks"
+	@echo "make bench  run the benchmark scripts (figures printed)"
+
+# (Re)create .venv when it is missing or pyproject.toml (the pins) changed since it was built.
+venv:
+	@want=$$(sha256sum pyproject.toml | cut -d' ' -f1); \
+	have=$$(cat $(VENV)/.pins 2>/dev/null || true); \
+	if [ ! -x $(BIN)/python ] || [ "$$want" != "$$have" ]; then \
+	  echo "== setting up $(VENV) (pins changed or venv missing; takes ~3 minutes)"; \
+	  rm -rf $(VENV); $(PYTHON) -m venv $(VENV); \
+	  $(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"; \
+	  echo "$$want" > $(VENV)/.pins; \
+	fi
+
+demo: venv
+	$(BIN)/nucbook run 10_data_tour --profile smoke
+
+export: venv
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+# Fail if nbdev-export or nbdev-clean would change any file.
+check-sync: venv
+	bash .ci/check-sync
+
+nbtest: venv
+	$(BIN)/nbdev-proc-nbs >/dev/null
+	$(BIN)/nbdev-test --timing
+
+pytest: venv
+	$(BIN)/python -m pytest -n 2 tests
+
+test: check-sync nbtest pytest
+
+bench: venv
+	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+docs: venv
+	@command -v quarto >/dev/null || { echo "Quarto is not installed (see README: Docs)"; exit 1; }
+	$(BIN)/nbdev-docs
