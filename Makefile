@@ -40,7 +40,7 @@ check-sync: venv
 	bash .ci/check-sync
 
 nbtest: venv
-	$(BIN)/nbdev-proc-nbs >/dev/null
+	$(BIN)/python .ci/proc-docs.py
 	$(BIN)/nbdev-test --timing
 
 pytest: venv

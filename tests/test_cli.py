@@ -1,0 +1,107 @@
+"`nucbook run` and `nucbook batch` on tiny notebooks written by the tests."
+import json, subprocess, sys
+from pathlib import Path
+import nbformat
+import pandas as pd
+import pytest
+from nucbook.cli import RunError, load_grid, run_batch, run_notebook, main
+
+NUCBOOK = [sys.executable, '-c', 'from nucbook.cli import main; main()']
+
+
+def _nb(path, param_src, body_src):
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(param_src); p.metadata['tags'] = ['parameters']
+    nb.cells = [nbformat.v4.new_code_cell('import json, os\nfrom nucbook.core import current_run_dir, atomic_write_json'),
+                p, nbformat.v4.new_code_cell(body_src)]
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'python3', 'language': 'python'}
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture
+def square_nb(tmp_path):
+    return _nb(tmp_path/'01_square.ipynb', "profile = 'smoke'\nseed = 0\nx = 2\nlabel = 'a'",
+               "atomic_write_json(current_run_dir()/'metrics.json', {'square': x * x, 'label': label, 'seed': seed,\n"
+               "    'profile': profile, 'cwd': os.getcwd()})")
+
+
+def test_run_injects_parameters(square_nb, tmp_path):
+    out = tmp_path/'run'
+    p = subprocess.run(NUCBOOK + ['run', str(square_nb), '-p', 'x', '7', '-p', 'label', 'kumar', '--profile', 'paper',
+                                  '--out', str(out), '--no-progress'], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((out/'metrics.json').read_text())
+    assert m == {'square': 49, 'label': 'kumar', 'seed': 0, 'profile': 'paper', 'cwd': str(tmp_path)}
+    rec = json.loads((out/'params.json').read_text())
+    assert rec['status'] == 'ok' and rec['parameters'] == {'profile': 'paper', 'seed': 0, 'x': 7, 'label': 'kumar'}
+    assert rec['injected'] == {'x': 7, 'label': 'kumar', 'profile': 'paper'}
+    assert rec['environment']['packages']['numpy'] and 'commit' in rec['git']
+    executed = nbformat.read(str(out/'01_square.ipynb'), as_version=4)
+    assert any('injected-parameters' in c.metadata.get('tags', []) for c in executed.cells)
+
+
+def test_run_default_folder_is_timestamped(square_nb, tmp_path):
+    d = run_notebook(square_nb, runs_root=tmp_path/'runs', progress=False)
+    assert d.parent == (tmp_path/'runs').resolve() and d.name.startswith('01_square-')
+    assert json.loads((d/'metrics.json').read_text())['square'] == 4
+
+
+def test_unknown_parameter_is_an_error(square_nb, tmp_path):
+    p = subprocess.run(NUCBOOK + ['run', str(square_nb), '-p', 'epochs', '3', '--out', str(tmp_path/'r')],
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert 'unknown parameter epochs' in p.stderr and 'profile, seed, x, label' in p.stderr
+    assert not (tmp_path/'r').exists()  # nothing ran
+
+
+def test_failing_cell_reports_error_and_partial_notebook(tmp_path):
+    nb = _nb(tmp_path/'bad.ipynb', 'n = 1', "raise ValueError(f'broken input {n}')")
+    out = tmp_path/'r'
+    p = subprocess.run(NUCBOOK + ['run', str(nb), '--out', str(out), '--no-progress'], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert 'ValueError: broken input 1' in p.stderr
+    assert f'partial output notebook: {out.resolve()/"bad.ipynb"}' in p.stderr
+    assert (out/'bad.ipynb').exists()
+    assert json.loads((out/'params.json').read_text())['status'] == 'failed'
+
+
+def test_missing_notebook_lists_available(tmp_path):
+    with pytest.raises(RunError, match='no notebook'):
+        run_notebook(tmp_path/'nope', progress=False)
+
+
+def test_batch_resumes_without_rerunning(square_nb, tmp_path):
+    grid = tmp_path/'grid.yaml'
+    grid.write_text(f"notebook: {square_nb}\nout: {tmp_path/'b'}\nparameters: {{label: z}}\ngrid:\n  x: [1, 2, 3]\n")
+    runs = load_grid(grid)['runs']
+    assert [r['name'] for r in runs] == ['01_square-x=1', '01_square-x=2', '01_square-x=3']
+    # simulate an interrupted batch: only the first run finished, the second died half-way
+    first = run_notebook(square_nb, {'x': 1, 'label': 'z'}, out=tmp_path/'b'/runs[0]['name'], progress=False)
+    half = tmp_path/'b'/runs[1]['name']; half.mkdir()
+    (half/'params.json').write_text(json.dumps({'status': 'running'}))
+    stamp = (first/'metrics.json').stat().st_mtime_ns
+    lines = []
+    df = run_batch(grid, jobs=2, log=lines.append)
+    assert '3 runs' in lines[0] and '1 already done, 2 to run' in lines[0]
+    assert (first/'metrics.json').stat().st_mtime_ns == stamp  # not re-run
+    assert list(df['square']) == [1, 4, 9] and set(df['status']) == {'ok'}
+    assert list(pd.read_csv(tmp_path/'b'/'results.csv')['param.x']) == [1, 2, 3]
+    lines.clear(); run_batch(grid, log=lines.append)
+    assert '3 already done, 0 to run' in lines[0]
+
+
+def test_batch_reports_failures(tmp_path):
+    nb = _nb(tmp_path/'f.ipynb', 'x = 1', "assert x != 2, 'x must not be 2'\natomic_write_json(current_run_dir()/'metrics.json', {'x': x})")
+    grid = tmp_path/'g.yaml'
+    grid.write_text(f"notebook: {nb}\nout: {tmp_path/'o'}\ngrid:\n  x: [1, 2]\n")
+    with pytest.raises(RunError, match=r"1 run\(s\) failed: f-x=2"):
+        run_batch(grid, log=lambda *a: None)
+    df = pd.read_csv(tmp_path/'o'/'results.csv')
+    assert list(df['status']) == ['ok', 'failed']
+
+
+def test_bad_grid_file(tmp_path):
+    g = tmp_path/'g.yaml'; g.write_text('notebook: x\nseeds: [1]\n')
+    with pytest.raises(RunError, match='unknown keys'):
+        load_grid(g)
