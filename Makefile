@@ -24,7 +24,8 @@ venv:
 	if [ ! -x $(BIN)/python ] || [ "$$want" != "$$have" ]; then \
 	  echo "== setting up $(VENV) (pins changed or venv missing; takes ~3 minutes)"; \
 	  rm -rf $(VENV); $(PYTHON) -m venv $(VENV); \
-	  $(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"; \
+	  $(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+	  $(BIN)/python -c "import nucbook, torch, papermill, nbdev" || { echo "venv set-up failed"; exit 1; }; \
 	  echo "$$want" > $(VENV)/.pins; \
 	fi
 
