@@ -1,0 +1,264 @@
+"Invariants of every augmentation (property-based), exact hand-built cases, and errors on bad input."
+import json
+from dataclasses import replace
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings, HealthCheck, strategies as st
+from scipy import ndimage as ndi
+from nucbook.augment import (Augmented, MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix, AUGMENTATIONS,
+                             as_transform, augment_set, load_augmented, blend, erase, mask_mix, largest_pieces,
+                             check_sample, get_augmentation, median_at)
+from nucbook.sample import (Sample, LabelError, make_sample, keep_largest_component, remove_small_instances,
+                            types_from_type_map)
+
+SETTINGS = dict(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+def random_sample(seed, shape=(48, 48), typed=True, n_max=14, rare_share=0.3):
+    "Random ellipses painted in order (later ones occlude), random image, random types (type 1 = rare)."
+    rng = np.random.default_rng(seed); h, w = shape
+    inst = np.zeros(shape, np.int32); n = int(rng.integers(0, n_max + 1))
+    for i in range(1, n + 1):
+        cv2.ellipse(inst, (int(rng.integers(0, w)), int(rng.integers(0, h))), (int(rng.integers(2, 9)), int(rng.integers(2, 9))),
+                    float(rng.uniform(0, 180)), 0, 360, i, -1)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    types = {i: int(1 if rng.random() < rare_share else rng.integers(2, 5)) for i in range(1, n + 1)} if typed else None
+    return make_sample(img, inst, inst_types=types, meta={'image_id': f'r{seed}'})
+
+def make_aug(name):
+    "Every method, with settings that make it act on small random tiles."
+    if name == 'gradmix': return GradMix(margin=4, area_ratio=1.0, min_area=4)
+    if name == 'copypaste_rare': return CopyPaste(types=(1,), min_area=4)
+    return AUGMENTATIONS[name](min_area=4)
+
+METHODS = sorted(AUGMENTATIONS) + ['copypaste_rare']
+TYPED_ONLY = {'gradmix', 'copypaste_rare'}
+
+def check_invariants(inp:Sample, out:Augmented, pool, aug):
+    s, rec = out.sample, out.record
+    # image shape and dtype kept; labels valid
+    assert s.image.shape == inp.image.shape and s.image.dtype == inp.image.dtype
+    assert s.inst_map.dtype == np.int32 and s.inst_map.shape == inp.inst_map.shape
+    area = check_sample(s); s.validate()
+    n = s.n_instances
+    assert set(np.unique(s.inst_map)) <= set(range(n + 1)) and (area[1:] > 0).all()  # contiguous 1..N
+    assert (area[1:] >= aug.min_area).all()
+    if inp.has_types:
+        assert s.has_types and len(s.inst_types) == n
+        assert (s.type_map[s.inst_map == 0] == 0).all()
+        for i in range(1, n + 1): assert len(np.unique(s.type_map[s.inst_map == i])) == 1  # constant within each
+        assert np.array_equal(types_from_type_map(s.inst_map, s.type_map), s.inst_types)
+    else: assert s.type_map is None and s.inst_types is None
+    # provenance agrees with the labels
+    json.dumps(rec)
+    assert rec['method'] == aug.name and rec['sources'][0]['image_id'] == inp.meta['image_id']
+    rows = rec['instances']
+    assert [r['id'] for r in rows] == list(range(1, n + 1))
+    for r, sl in zip(rows, ndi.find_objects(s.inst_map)):
+        assert r['box'] == [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]
+        assert r['area'] == area[r['id']]
+        assert r['type'] == (int(s.inst_types[r['id'] - 1]) if s.has_types else None)
+        src = inp if r['source'] == 0 else pool[rec['sources'][r['source']]['pool_index']]
+        assert 1 <= r['source_id'] <= src.n_instances  # pasted / mixed ids exist in their source
+        if src.has_types: assert src.inst_types[r['source_id'] - 1] == r['type']
+        if r['op'] == 'kept' and not r['cut']:  # untouched instances keep their exact mask
+            assert np.array_equal(s.inst_map == r['id'], inp.inst_map == r['source_id'])
+        if r['op'] == 'mixed' and not r['cut']:  # donors are aligned (same size here)
+            assert np.array_equal(s.inst_map == r['id'], src.inst_map == r['source_id'])
+        if r['op'] in ('pasted', 'replaced'): assert r['source'] > 0 or aug.name == 'gradmix'
+    for d in rec['dropped']: assert 0 <= d['source'] < len(rec['sources']) and d['area'] < aug.min_area
+    assert s.meta['augment'][-1] == rec
+
+@pytest.mark.parametrize('name', METHODS)
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 10 ** 6), aug_seed=st.integers(0, 2 ** 32 - 1), typed=st.booleans(),
+       shape=st.sampled_from([(32, 32), (48, 40), (64, 64)]))
+def test_invariants(name, seed, aug_seed, typed, shape):
+    typed = typed or name in TYPED_ONLY
+    inp = random_sample(seed, shape, typed)
+    pool = [random_sample(seed + k, shape, typed) for k in range(1, 4)]
+    aug = make_aug(name)
+    out = aug(inp, aug_seed, pool)
+    check_invariants(inp, out, pool, aug)
+    again = aug(inp, aug_seed, pool)  # same seed, identical output
+    assert np.array_equal(out.sample.image, again.sample.image) and np.array_equal(out.sample.inst_map, again.sample.inst_map)
+    assert out.record == again.record
+
+@pytest.mark.parametrize('name', ['mixup', 'cutmix'])
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), aug_seed=st.integers(0, 2 ** 32 - 1), k=st.integers(2, 5))
+def test_batch_invariants(name, seed, aug_seed, k):
+    batch = [random_sample(seed + i, (40, 40)) for i in range(k)]
+    aug = make_aug(name); outs = aug.batch(batch, aug_seed)
+    assert len(outs) == k and len({json.dumps(o.record['params']) for o in outs}) == 1  # one lam / box per batch
+    partners = [o.record['sources'][1]['pool_index'] for o in outs]
+    assert sorted(partners) == list(range(k)) and all(p != i for i, p in enumerate(partners))
+    for inp, out in zip(batch, outs): check_invariants(inp, out, batch, aug)
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), min_area=st.integers(0, 30))
+def test_mask_mix_equals_reference_rules(seed, min_area):
+    "Label rules = largest visible piece, then minimum area, then renumbering in code order."
+    a, b = random_sample(seed, (40, 40), n_max=20), random_sample(seed + 1, (40, 40), n_max=20)
+    mask = np.random.default_rng(seed).random((40, 40)) < 0.5
+    mask = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 3) > 0.5
+    code = np.where(mask, np.where(b.inst_map > 0, b.inst_map + a.n_instances, 0), a.inst_map).astype(np.int32)
+    expected = remove_small_instances(keep_largest_component(code), min_area)
+    got = mask_mix(a, b, mask, min_area=min_area)
+    assert np.array_equal(got.sample.inst_map, expected)
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), k=st.integers(1, 6))
+def test_largest_pieces_equals_keep_largest_component(seed, k):
+    m = np.random.default_rng(seed).integers(0, k + 1, (20, 26)).astype(np.int32)
+    assert np.array_equal(largest_pieces(m), keep_largest_component(m))
+
+# ---- exact hand-built cases
+def hand_pair():
+    ia = np.zeros((8, 8), np.int32); ia[1:3, 1:7] = 1; ia[5:8, 5:8] = 2
+    ib = np.zeros((8, 8), np.int32); ib[4:8, 0:4] = 1; ib[0:2, 6:8] = 2
+    a = make_sample(np.full((8, 8, 3), 200, np.uint8), ia, inst_types={1: 2, 2: 3}, meta={'image_id': 'a'})
+    b = make_sample(np.full((8, 8, 3), 40, np.uint8), ib, inst_types={1: 1, 2: 4}, meta={'image_id': 'b'})
+    return a, b
+
+def test_cutout_known_box():
+    a, _ = hand_pair()
+    box = np.zeros((8, 8), bool); box[0:4, 4:8] = True  # cuts nucleus 1 in half; nucleus 2 untouched
+    r = erase(a, box, fill=(1, 2, 3), min_area=1)
+    exp = np.zeros((8, 8), np.int32); exp[1:3, 1:4] = 1; exp[5:8, 5:8] = 2
+    assert np.array_equal(r.sample.inst_map, exp) and r.sample.inst_types.tolist() == [2, 3]
+    assert (r.sample.image[box] == [1, 2, 3]).all() and (r.sample.image[~box] == 200).all()
+    assert [(x['cut'], x['area']) for x in r.record['instances']] == [(True, 6), (False, 9)]
+    r = erase(a, box, min_area=7)  # the 6-pixel half is dropped, nucleus 2 renumbered 1
+    assert r.sample.n_instances == 1 and r.sample.inst_types.tolist() == [3]
+    assert r.record['dropped'] == [{'source': 0, 'source_id': 1, 'area': 6, 'reason': 'small'}]
+
+def test_cutout_class_erases_its_recorded_box():
+    s = random_sample(5, (64, 64))
+    for seed in range(10):
+        r = CutOut(fill=0, min_area=1)(s, seed)
+        x0, y0, x1, y1 = r.record['params']['box']
+        inside = np.zeros((64, 64), bool); inside[y0:y1, x0:x1] = True
+        assert (r.sample.image[inside] == 0).all() and np.array_equal(r.sample.image[~inside], s.image[~inside])
+        assert (r.sample.inst_map[inside] == 0).all()
+
+def test_cutmix_hand_made():
+    a, b = hand_pair()
+    box = np.zeros((8, 8), bool); box[3:8, 0:6] = True
+    r = mask_mix(a, b, box, min_area=1)
+    # a's nucleus 2 (rows 5-7, cols 5-7) loses cols 5 -> keeps rows 5-7, cols 6-7; b's nucleus 1 fully inside the box
+    exp = np.zeros((8, 8), np.int32); exp[1:3, 1:7] = 1; exp[5:8, 6:8] = 2; exp[4:8, 0:4] = 3
+    assert np.array_equal(r.sample.inst_map, exp)
+    assert r.sample.inst_types.tolist() == [2, 3, 1]
+    assert [(x['source'], x['source_id'], x['op'], x['cut']) for x in r.record['instances']] == \
+        [(0, 1, 'kept', False), (0, 2, 'kept', True), (1, 1, 'mixed', False)]
+    assert (r.sample.image[box] == 40).all() and (r.sample.image[~box] == 200).all()
+
+def test_mixup_union_and_weights():
+    a, b = hand_pair()
+    r = blend(a, b, 0.75, min_area=1)
+    assert (r.sample.image == round(0.75 * 200 + 0.25 * 40)).all()
+    # a's nuclei on top; b's nucleus 1 loses its pixel under... none overlap a's, b's nucleus 2 overlaps a's nucleus 1? no
+    exp = a.inst_map.copy(); exp[(b.inst_map == 1) & (exp == 0)] = 3; exp[(b.inst_map == 2) & (exp == 0)] = 4
+    assert np.array_equal(r.sample.inst_map, exp) and r.sample.inst_types.tolist() == [2, 3, 1, 4]
+    assert r.record['params']['lam'] == 0.75
+
+def test_copypaste_hand_made():
+    tgt = make_sample(np.full((20, 20, 3), 230, np.uint8), np.zeros((20, 20), np.int32), inst_types={})
+    dm = np.zeros((12, 12), np.int32); dm[2:6, 3:7] = 1; dm[8:11, 8:11] = 2
+    dimg = np.full((12, 12, 3), 100, np.uint8); dimg[dm == 1] = (10, 20, 30)
+    donor = make_sample(dimg, dm, inst_types={1: 1, 2: 3}, meta={'image_id': 'd'})
+    r = CopyPaste(n_paste=(1, 1), scale=(1, 1), types=(1,), flip=False, min_area=1)(tgt, 0, [donor])
+    assert r.sample.n_instances == 1 and r.sample.inst_types.tolist() == [1]
+    x0, y0 = r.record['params']['pastes'][0]['xy']
+    exp = np.zeros((20, 20), np.int32); exp[y0:y0 + 4, x0:x0 + 4] = 1
+    assert np.array_equal(r.sample.inst_map, exp)
+    assert (r.sample.image[exp == 1] == (10, 20, 30)).all() and (r.sample.image[exp == 0] == 230).all()
+    assert r.record['instances'][0] | {} == {'id': 1, 'source': 1, 'source_id': 1, 'op': 'pasted', 'cut': False,
+                                             'area': 16, 'box': [x0, y0, x0 + 4, y0 + 4], 'type': 1}
+
+def test_copypaste_occludes():
+    "A nucleus pasted over a target nucleus takes its pixels; the target keeps the rest or is dropped."
+    tm = np.zeros((10, 10), np.int32); tm[:, :] = 1
+    tgt = make_sample(np.zeros((10, 10, 3), np.uint8), tm, inst_types={1: 2})
+    dm = np.zeros((6, 6), np.int32); dm[1:5, 1:5] = 1
+    donor = make_sample(np.full((6, 6, 3), 9, np.uint8), dm, inst_types={1: 1})
+    r = CopyPaste(n_paste=(1, 1), scale=(1, 1), flip=False, min_area=1)(tgt, 0, [donor])
+    assert r.sample.n_instances == 2 and (r.sample.inst_map == 2).sum() == 16 and (r.sample.inst_map == 1).sum() == 84
+    assert r.record['instances'][0]['cut'] and r.sample.inst_types.tolist() == [2, 1]
+
+def test_gradmix_hand_made():
+    inst = np.zeros((64, 64), np.int32)
+    yy, xx = np.mgrid[:64, :64]; inst[(yy - 40) ** 2 + (xx - 40) ** 2 <= 144] = 1; inst[10:15, 10:15] = 2
+    img = np.full((64, 64, 3), 220, np.uint8); img[inst == 1] = (90, 40, 120); img[inst == 2] = (30, 10, 60)
+    g = make_sample(img, inst, inst_types={1: 2, 2: 1}, meta={'image_id': 'g'})
+    r = GradMix(margin=5, fraction=1.0, min_area=1)(g, 0)
+    exp = np.zeros((64, 64), np.int32); exp[38:43, 38:43] = 1; exp[10:15, 10:15] = 2
+    assert np.array_equal(r.sample.inst_map, exp) and r.sample.inst_types.tolist() == [1, 1]
+    assert r.record['instances'][0]['centroid'] == [40.0, 40.0]
+    rp = r.record['params']['replacements']
+    assert len(rp) == 1 and rp[0]['id'] == 1 and rp[0]['source_id'] == 2 and rp[0]['centroid_before'] == [40.0, 40.0]
+    # no rare nucleus of its own: the pool's one replaces the SMALLER of two major nuclei (ascending size order)
+    inst2 = inst.copy(); inst2[inst2 == 2] = 0; inst2[(yy - 15) ** 2 + (xx - 15) ** 2 <= 100] = 2
+    g2 = make_sample(img, inst2, inst_types={1: 2, 2: 3}, meta={'image_id': 'g2'})
+    pm = np.zeros((64, 64), np.int32); pm[30:34, 30:35] = 1
+    p = make_sample(np.full((64, 64, 3), 50, np.uint8), pm, inst_types={1: 1}, meta={'image_id': 'p'})
+    r = GradMix(margin=5, fraction=1.0, min_area=1)(g2, 0, [p])
+    assert r.record['params']['n_replaced'] == 1 and r.sample.inst_types.tolist() == [2, 1]
+    assert r.record['sources'][1]['image_id'] == 'p' and (r.sample.inst_map == 2).sum() == 20
+    assert np.array_equal(r.sample.inst_map == 1, inst2 == 1)  # the larger one is untouched
+    assert r.record['instances'][1]['centroid'] == [15.0, 14.5]  # 4 rows: shifted by whole pixels, centre at half a pixel
+
+def test_median_at_matches_scipy():
+    rng = np.random.default_rng(0); ch = rng.integers(0, 256, (25, 31)).astype(np.uint8); where = rng.random((25, 31)) < 0.4
+    fp = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11)).astype(bool)
+    assert np.array_equal(median_at(ch, where, fp), ndi.median_filter(ch, footprint=fp, mode='reflect')[where])
+
+# ---- online and offline use
+def test_transform_hook_and_offline_set(tmp_path):
+    pool = [random_sample(i, (32, 32)) for i in range(4)]
+    t = as_transform(CowMix(min_area=4), pool)
+    out = t(pool[0], np.random.default_rng(1))
+    assert isinstance(out, Sample) and out.meta['augment'][-1]['method'] == 'cowmix'
+    assert np.array_equal(out.inst_map, t(pool[0], np.random.default_rng(1)).inst_map)
+    assert as_transform(CowMix(), pool, p=0.0)(pool[0], np.random.default_rng(0)) is pool[0]
+    A = augment_set(pool[:2], GradMix(margin=4, area_ratio=1.0), n_per_sample=2, seed=3, pool=pool, out_dir=tmp_path)
+    files = sorted(tmp_path.glob('aug_*.npz')); assert len(files) == 4
+    for a, f in zip(A, files):
+        b = load_augmented(f)
+        assert np.array_equal(a.sample.image, b.sample.image) and np.array_equal(a.sample.type_map, b.sample.type_map)
+        assert a.record == b.record and b.sample.meta['image_id'] == a.sample.meta['image_id']
+    B = augment_set(pool[:2], GradMix(margin=4, area_ratio=1.0), n_per_sample=2, seed=3, pool=pool)
+    assert all(np.array_equal(a.sample.inst_map, b.sample.inst_map) for a, b in zip(A, B))
+
+# ---- bad input
+def test_bad_input_raises_clear_errors():
+    s = random_sample(1, (32, 32)); pool = [random_sample(2, (32, 32))]
+    with pytest.raises(LabelError, match='but the image is'): CutOut()(replace(s, inst_map=s.inst_map[:30]), 0)
+    with pytest.raises(LabelError, match='dtype float64'): CutOut()(replace(s, inst_map=s.inst_map.astype(float)), 0)
+    with pytest.raises(LabelError, match='pool\\[0\\].*dtype float64'):
+        CutMix()(s, 0, [replace(pool[0], inst_map=pool[0].inst_map.astype(float))])
+    with pytest.raises(LabelError, match='expected a nucbook Sample'): MixUp()(s.image, 0, pool)
+    for name in ('mixup', 'cutmix', 'cowmix', 'copypaste'):
+        for empty in ([], None):
+            with pytest.raises(ValueError, match='needs a non-empty pool'): get_augmentation(name)(s, 0, empty)
+        with pytest.raises(ValueError, match='needs a non-empty pool'): as_transform(get_augmentation(name))
+    with pytest.raises(LabelError, match='smaller than the 32x32 sample'): CutMix()(s, 0, [random_sample(3, (20, 40))])
+    untyped = random_sample(4, (32, 32), typed=False)
+    with pytest.raises(LabelError, match='cannot mix a typed sample with a untyped'): CowMix()(s, 0, [untyped])
+    with pytest.raises(LabelError, match='GradMix needs typed'): GradMix()(untyped, 0)
+    with pytest.raises(LabelError, match='needs a typed sample'): CopyPaste(types=(1,))(untyped, 0, [s])
+    with pytest.raises(LabelError, match='disagrees'): CutOut()(replace(s, type_map=s.type_map * 0 + 1), 0)
+    with pytest.raises(ValueError, match='at least 2'): CutMix().batch([s])
+    with pytest.raises(ValueError, match="labels must be"): MixUp(labels='soft')(s, 0, pool)
+    with pytest.raises(ValueError, match='mask has shape'): erase(s, np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match='unknown augmentation'): get_augmentation('mosaic')
+
+def test_larger_donor_is_cropped():
+    s = random_sample(1, (32, 32)); big = random_sample(2, (64, 80))
+    r = CutMix(min_area=4)(s, 0, [big])
+    x0, y0 = r.record['sources'][1]['crop_xy']
+    assert 0 <= x0 <= 48 and 0 <= y0 <= 32
+    for row in r.record['instances']:
+        if row['op'] == 'mixed' and not row['cut']:
+            assert np.array_equal(r.sample.inst_map == row['id'], big.inst_map[y0:y0 + 32, x0:x0 + 32] == row['source_id'])

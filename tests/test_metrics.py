@@ -1,0 +1,366 @@
+"""Tests of nucbook.metrics: hand-computed values, edge cases, symmetry, and agreement with a straightforward
+per-instance implementation of HoVer-Net's definitions written here."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis.extra.numpy import arrays
+from scipy.optimize import linear_sum_assignment
+
+from nucbook import metrics as M
+from nucbook.metrics import (dice1, dice2, aji, aji_plus, pq, object_f1, pixel_f1, instance_metrics, overlaps,
+                             classification_stats, pair_centroids, class_pq_counts, class_pq, pooled_class_pq,
+                             evaluate, remap_ids)
+from nucbook.sample import Sample, LabelError, make_sample, instance_centroids
+
+
+# ---------------------------------------------------------------- per-instance reference (one mask per instance)
+def ref_remap(m):
+    out = np.zeros(m.shape, np.int64)
+    for k, i in enumerate(sorted(set(np.unique(m).tolist()) - {0}), start=1): out[m == i] = k
+    return out
+
+def ref_tables(true, pred):
+    true, pred = ref_remap(true), ref_remap(pred)
+    nt, npr = int(true.max()), int(pred.max())
+    inter = np.zeros((nt, npr)); union = np.zeros((nt, npr))
+    for i in range(1, nt + 1):
+        t = true == i
+        for j in np.unique(pred[t]):
+            if j == 0: continue
+            p = pred == j
+            inter[i - 1, j - 1] = (t & p).sum(); union[i - 1, j - 1] = (t | p).sum()
+    at = np.array([(true == i).sum() for i in range(1, nt + 1)], float)
+    ap = np.array([(pred == j).sum() for j in range(1, npr + 1)], float)
+    return true, pred, inter, union, at, ap
+
+def ref_dice1(true, pred):
+    t, p = true > 0, pred > 0
+    return 2 * (t & p).sum() / (t.sum() + p.sum())
+
+def ref_dice2(true, pred):
+    _, _, inter, union, at, ap = ref_tables(true, pred)
+    tot = ins = 0.0
+    for i in range(inter.shape[0]):
+        for j in range(inter.shape[1]):
+            if inter[i, j] > 0: tot += at[i] + ap[j]; ins += inter[i, j]
+    return 2 * ins / tot
+
+def ref_aji(true, pred):
+    _, _, inter, union, at, ap = ref_tables(true, pred)
+    iou = inter / (union + 1e-6)
+    I = U = 0.0; used = set(); paired = set()
+    for i in range(iou.shape[0]):
+        if iou.shape[1] == 0: break
+        j = int(np.argmax(iou[i]))
+        if iou[i, j] > 0: I += inter[i, j]; U += union[i, j]; used.add(j); paired.add(i)
+    U += sum(at[i] for i in range(len(at)) if i not in paired) + sum(ap[j] for j in range(len(ap)) if j not in used)
+    return I / U
+
+def ref_aji_plus(true, pred):
+    _, _, inter, union, at, ap = ref_tables(true, pred)
+    iou = inter / (union + 1e-6)
+    r, c = linear_sum_assignment(-iou)
+    ok = iou[r, c] > 0; r, c = r[ok], c[ok]
+    U = union[r, c].sum() + sum(at[i] for i in range(len(at)) if i not in set(r)) + \
+        sum(ap[j] for j in range(len(ap)) if j not in set(c))
+    return inter[r, c].sum() / U
+
+def ref_pq_pairs(true, pred, thr=0.5):
+    _, _, inter, union, at, ap = ref_tables(true, pred)
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    if thr >= 0.5:
+        r, c = np.nonzero(iou > thr)
+    else:
+        r, c = linear_sum_assignment(-iou); ok = iou[r, c] > thr; r, c = r[ok], c[ok]
+    return len(r), len(ap) - len(r), len(at) - len(r), iou[r, c].sum()
+
+def ref_pq(true, pred, thr=0.5):
+    tp, fp, fn, s = ref_pq_pairs(true, pred, thr)
+    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
+    sq = s / (tp + 1e-6)
+    return dq, sq, dq * sq
+
+
+# ---------------------------------------------------------------- random fields
+def blob_field(rng, shape=(48, 48), n=12, ids=None):
+    "Overlapping random rectangles and discs painted in turn (later ones occlude), ids non-contiguous."
+    m = np.zeros(shape, np.int64)
+    yy, xx = np.indices(shape)
+    ids = rng.choice(np.arange(1, 10_000), n, replace=False) if ids is None else ids
+    for i in ids:
+        cy, cx = rng.integers(0, shape[0]), rng.integers(0, shape[1]); r = rng.integers(2, 7)
+        if rng.random() < 0.5: m[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+        else: m[max(cy - r, 0):cy + r, max(cx - r, 0):cx + r] = i
+    return m
+
+def perturb(rng, m):
+    "Shift, drop, relabel: a prediction-like copy."
+    p = np.roll(m, (rng.integers(-2, 3), rng.integers(-2, 3)), axis=(0, 1)).copy()
+    ids = np.unique(p); ids = ids[ids > 0]
+    for i in ids:
+        u = rng.random()
+        if u < 0.15: p[p == i] = 0
+        elif u < 0.3:  # split
+            ys, xs = np.nonzero(p == i); cut = xs < np.median(xs); p[ys[cut], xs[cut]] = i + 20_000
+    lut = {i: rng.integers(1, 50_000) for i in np.unique(p) if i > 0}
+    return np.vectorize(lambda v: lut.get(v, 0))(p) if lut else p
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_random_fields_match_reference(seed):
+    rng = np.random.default_rng(seed)
+    t = blob_field(rng); p = perturb(rng, t) if seed % 3 else blob_field(rng)
+    m = instance_metrics(t, p)
+    assert m['dice1'] == pytest.approx(ref_dice1(t, p), abs=1e-9)
+    assert m['dice2'] == pytest.approx(ref_dice2(t, p), abs=1e-9)
+    assert m['aji'] == pytest.approx(ref_aji(t, p), abs=1e-9)
+    assert m['aji_plus'] == pytest.approx(ref_aji_plus(t, p), abs=1e-9)
+    np.testing.assert_allclose([m['dq'], m['sq'], m['pq']], ref_pq(t, p), atol=1e-9)
+    np.testing.assert_allclose(pq(t, p, 0.3), ref_pq(t, p, 0.3), atol=1e-9)
+    assert dice1(t, p) == m['dice1'] and aji(t, p) == m['aji'] and aji_plus(t, p) == m['aji_plus']
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays(np.int64, (5, 6), elements=st.integers(0, 5)), arrays(np.int64, (5, 6), elements=st.integers(0, 5)))
+def test_noise_fields_match_reference_including_ties(t, p):
+    # tiny noisy maps are full of exact IoU ties: tie-breaking must follow the reference too
+    if not t.any() or not p.any(): return
+    if not ((t > 0) & (p > 0)).any():  # the reference divides by zero here; we return 0
+        assert dice2(t, p) == 0.0 and aji(t, p) == 0.0; return
+    assert aji(t, p) == pytest.approx(ref_aji(t, p), abs=1e-9)
+    assert aji_plus(t, p) == pytest.approx(ref_aji_plus(t, p), abs=1e-9)
+    assert dice2(t, p) == pytest.approx(ref_dice2(t, p), abs=1e-9)
+    np.testing.assert_allclose(pq(t, p), ref_pq(t, p), atol=1e-9)
+    np.testing.assert_allclose(pq(t, p, 0.2), ref_pq(t, p, 0.2), atol=1e-9)
+
+
+def test_sparse_table_matches_dense(monkeypatch):
+    rng = np.random.default_rng(5)
+    t = blob_field(rng, (64, 64), 25); p = perturb(rng, t)
+    dense = instance_metrics(t, p)
+    monkeypatch.setattr(M, 'DENSE_TABLE_LIMIT', 0)
+    assert instance_metrics(t, p) == dense
+
+
+def test_grouped_hungarian_fallback_matches(monkeypatch):
+    rng = np.random.default_rng(7)
+    t = blob_field(rng, (64, 64), 25); p = perturb(rng, t)
+    dense = (aji_plus(t, p), pq(t, p, 0.25))
+    monkeypatch.setattr(M, 'DENSE_LSA_LIMIT', 0)
+    assert aji_plus(t, p) == pytest.approx(dense[0], abs=1e-12)
+    np.testing.assert_allclose(pq(t, p, 0.25), dense[1], atol=1e-12)
+
+
+# ---------------------------------------------------------------- hand-built maps
+def square(m, y, x, h, w, i): m[y:y + h, x:x + w] = i; return m
+
+def test_identical():
+    t = np.zeros((10, 10), np.int32); square(t, 0, 0, 2, 2, 1); square(t, 4, 0, 2, 3, 2); square(t, 6, 6, 3, 3, 3)
+    m = instance_metrics(t, t)
+    assert (m['dice1'], m['dice2'], m['aji'], m['aji_plus'], m['dq'], m['object_f1']) == (1, 1, 1, 1, 1, 1)
+    assert m['sq'] == pytest.approx(0.9999996667, abs=1e-10)  # 3 / (3 + 1e-6): the reference's epsilon
+    assert m['pq'] == m['sq']
+
+def test_split_and_merge():
+    t = square(np.zeros((6, 7), np.int32), 1, 1, 4, 5, 1)                    # one 20 px nucleus
+    p = square(square(np.zeros_like(t), 1, 1, 4, 3, 3), 1, 4, 4, 2, 8)      # split 12 + 8
+    assert dice1(t, p) == 1.0
+    assert dice2(t, p) == pytest.approx(2 * 20 / (32 + 28))
+    assert aji(t, p) == pytest.approx(12 / 28) and aji_plus(t, p) == pytest.approx(12 / 28)
+    dq, sq, pq_ = pq(t, p)
+    assert (dq, sq) == (pytest.approx(2 / 3), pytest.approx(0.6 / (1 + 1e-6)))
+    assert pq_ == pytest.approx(0.4 / (1 + 1e-6))
+    # merged (the transpose): AJI reuses the prediction -> 20 / 40, AJI+ does not -> 12 / 28
+    assert aji(p, t) == pytest.approx(0.5) and aji_plus(p, t) == pytest.approx(12 / 28)
+    assert aji(t, p) != aji(p, t)  # AJI is not symmetric
+
+def test_shift_false_positive_and_miss():
+    t = np.zeros((12, 12), np.int32); square(t, 1, 1, 4, 4, 4); square(t, 8, 8, 3, 3, 9)
+    p = np.zeros_like(t); square(p, 1, 2, 4, 4, 2); square(p, 8, 1, 2, 2, 6)
+    m = instance_metrics(t, p)
+    assert (m['tp'], m['fp'], m['fn']) == (1, 1, 1)
+    assert m['dice1'] == pytest.approx(24 / 45) and m['pixel_f1'] == m['dice1']
+    assert m['dice2'] == pytest.approx(24 / 32)
+    assert m['aji'] == pytest.approx(12 / 33) and m['aji_plus'] == pytest.approx(12 / 33)
+    assert m['dq'] == 0.5 and m['object_f1'] == 0.5
+    assert m['sq'] == pytest.approx(0.6 / (1 + 1e-6), abs=1e-12)
+
+def test_iou_exactly_half():
+    t = square(np.zeros((4, 4), np.int32), 0, 0, 2, 2, 1)   # 4 px
+    p = square(np.zeros_like(t), 0, 0, 2, 4, 1)             # 8 px containing it: IoU = 4 / 8
+    assert pq(t, p) == (0.0, 0.0, 0.0)                      # strictly above 0.5 is needed
+    assert object_f1(t, p) == 0.0
+    dq, sq, _ = pq(t, p, iou_threshold=0.49)
+    assert dq == 1.0 and sq == pytest.approx(0.5 / (1 + 1e-6), abs=1e-12)
+    assert aji(t, p) == pytest.approx(0.5) and dice1(t, p) == pytest.approx(8 / 12)
+
+def test_non_contiguous_ids_do_not_matter():
+    t = np.zeros((12, 12), np.int64); square(t, 1, 1, 4, 4, 4); square(t, 8, 8, 3, 3, 9)
+    p = np.zeros_like(t); square(p, 1, 2, 4, 4, 2); square(p, 8, 1, 2, 2, 6)
+    base = instance_metrics(t, p)
+    t2 = np.where(t == 4, 70_000, np.where(t == 9, 3, 0)); p2 = np.where(p == 2, 2**40, np.where(p == 6, 11, 0))
+    assert instance_metrics(t2, p2) == base
+    assert instance_metrics(t.astype(np.uint16), p.astype(np.uint8)) == base
+
+def test_edge_cases_never_raise():
+    t = square(np.zeros((8, 8), np.int32), 2, 2, 3, 3, 5); z = np.zeros_like(t)
+    for a, b in [(t, z), (z, t)]:  # one map empty: everything 0
+        m = instance_metrics(a, b)
+        assert [m[k] for k in M.INSTANCE_METRICS] == [0.0] * len(M.INSTANCE_METRICS)
+    m = instance_metrics(z, z)  # both empty: NaN = nothing to measure
+    assert all(np.isnan(m[k]) for k in M.INSTANCE_METRICS)
+    # no overlap at all between non-empty maps: 0 (the reference raises ZeroDivisionError for Dice-2)
+    p = square(np.zeros_like(t), 6, 6, 2, 2, 1)
+    assert dice2(t, p) == 0.0 and aji(t, p) == 0.0 and aji_plus(t, p) == 0.0 and pq(t, p) == (0.0, 0.0, 0.0)
+
+def test_bad_input_raises():
+    t = np.zeros((4, 4), np.int32)
+    with pytest.raises(LabelError, match='shape'): dice1(t, np.zeros((4, 5), np.int32))
+    with pytest.raises(LabelError, match='negative'): aji(t, t - 1)
+    with pytest.raises(LabelError, match='integer'): pq(t, t.astype(float))
+    with pytest.raises(ValueError, match='iou_threshold'): pq(t, t, iou_threshold=-0.1)
+
+def test_symmetry_where_it_holds():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        t = blob_field(rng); p = perturb(rng, t)
+        assert dice1(t, p) == dice1(p, t) and dice2(t, p) == pytest.approx(dice2(p, t), abs=1e-12)
+        np.testing.assert_allclose(pq(t, p), pq(p, t), atol=1e-12)
+        assert object_f1(t, p) == object_f1(p, t)
+        assert aji_plus(t, p) == pytest.approx(aji_plus(p, t), abs=1e-9)  # same optimum (no ties on blobs)
+
+def test_remap_keeps_order():
+    r, ids = remap_ids(np.array([[9, 0], [3, 2**33]]))
+    assert ids.tolist() == [3, 9, 2**33] and r.tolist() == [[2, 0], [1, 3]]
+
+
+# ---------------------------------------------------------------- classification statistics
+E = (np.zeros((0, 2)), np.zeros(0))
+
+def test_pooled_classification_by_hand():
+    true_pts = [([[10, 10], [50, 50], [90, 90]], [1, 2, 1]), ([[20, 20]], [2]), E, E]
+    pred_pts = [([[12, 10], [50, 55], [200, 200]], [1, 1, 2]), E, ([[30, 30]], [2]), E]
+    s = classification_stats(true_pts, pred_pts)
+    # paired: (1,1) 2 px and (2,1) 5 px; FN: type 1 (90,90), type 2 image B; FP: type 2 (200,200), type 2 image C
+    assert (s['tp_d'], s['fp_d'], s['fn_d']) == (2, 2, 2)
+    assert s['f1_d'] == 0.5 and s['acc'] == 0.5
+    assert s['f1_c_1'] == pytest.approx(2 / (2 + 2 * 1 + 1))   # TP 1, FP_c 1, FN_d 1
+    assert s['f1_c_2'] == 0.0                                  # FN_c 1, FP_d 2, FN_d 1
+    assert set(k for k in s if k.startswith('f1_c')) == {'f1_c_1', 'f1_c_2'}  # no placeholder type 0
+
+def test_empty_image_has_no_placeholder():
+    # the reference would put a pred placeholder at (0,0) and pair it with this nucleus 7 px away
+    s = classification_stats([([[5, 5]], [1])], [E])
+    assert (s['tp_d'], s['fp_d'], s['fn_d'], s['f1_d']) == (0, 0, 1, 0.0) and np.isnan(s['acc'])
+    s = classification_stats([E], [([[5, 5]], [3])])
+    assert (s['tp_d'], s['fp_d'], s['fn_d'], s['f1_d']) == (0, 1, 0, 0.0)
+    assert np.isnan(classification_stats([E, E], [E, E])['f1_d'])
+
+def test_pairing_radius_and_reference_quirk():
+    pairs, ut, up = pair_centroids([[0, 0]], [[12, 0]]); assert pairs.tolist() == [[0, 0]]  # 12 px is in
+    pairs, ut, up = pair_centroids([[0, 0]], [[12.01, 0]]); assert len(pairs) == 0
+    # the assignment is solved on unbounded distances then filtered, as in the reference
+    pairs, ut, up = pair_centroids([[0, 0], [12, 1]], [[12, 0], [12, 13]])
+    assert pairs.tolist() == [[1, 0]] and ut.tolist() == [0] and up.tolist() == [1]
+
+def ref_type_stats(true_pts, pred_pts, types):
+    pt, pp, ut, up = [], [], [], []
+    for (txy, tty), (pxy, pty) in zip(true_pts, pred_pts):
+        txy, pxy = np.asarray(txy, float).reshape(-1, 2), np.asarray(pxy, float).reshape(-1, 2)
+        d = np.array([[np.hypot(*(a - b)) for b in pxy] for a in txy]).reshape(len(txy), len(pxy))
+        r, c = linear_sum_assignment(d) if d.size else (np.zeros(0, int), np.zeros(0, int))
+        keep = [(i, j) for i, j in zip(r, c) if d[i, j] <= 12]
+        pt += [tty[i] for i, _ in keep]; pp += [pty[j] for _, j in keep]
+        ut += [tty[i] for i in range(len(txy)) if i not in {a for a, _ in keep}]
+        up += [pty[j] for j in range(len(pxy)) if j not in {b for _, b in keep}]
+    pt, pp, ut, up = map(np.array, (pt, pp, ut, up))
+    out = dict(f1_d=2 * len(pt) / (2 * len(pt) + len(up) + len(ut)), acc=(pt == pp).mean())
+    for c in types:
+        sel = (pt == c) | (pp == c); a, b = pt[sel], pp[sel]
+        tp, fp, fn = ((a == c) & (b == c)).sum(), ((a != c) & (b == c)).sum(), ((a == c) & (b != c)).sum()
+        out[f'f1_c_{c}'] = 2 * tp / (2 * tp + 2 * fp + 2 * fn + (up == c).sum() + (ut == c).sum())
+    return out
+
+def test_classification_matches_reference_on_random_points():
+    rng = np.random.default_rng(0)
+    true_pts, pred_pts = [], []
+    for _ in range(6):
+        n = rng.integers(5, 40); xy = rng.uniform(0, 200, (n, 2)); ty = rng.integers(1, 5, n)
+        keep = rng.random(n) < 0.8
+        pxy = np.concatenate([xy[keep] + rng.normal(0, 4, (keep.sum(), 2)), rng.uniform(0, 200, (3, 2))])
+        pty = np.concatenate([np.where(rng.random(keep.sum()) < 0.7, ty[keep], rng.integers(1, 5, keep.sum())),
+                              rng.integers(1, 5, 3)])
+        true_pts.append((xy, ty)); pred_pts.append((pxy, pty))
+    s = classification_stats(true_pts, pred_pts); r = ref_type_stats(true_pts, pred_pts, [1, 2, 3, 4])
+    for k, v in r.items(): assert s[k] == pytest.approx(v, abs=1e-12), k
+
+
+# ---------------------------------------------------------------- per-class PQ
+def test_class_pq_equals_pq_of_class_restricted_maps():
+    rng = np.random.default_rng(11)
+    for thr in (0.5, 0.3):
+        t = blob_field(rng, n=16); p = perturb(rng, t)
+        tt = rng.integers(1, 4, len(remap_ids(t)[1])); pt = rng.integers(1, 4, len(remap_ids(p)[1]))
+        cnt = class_pq_counts(overlaps(t, p), tt, pt, [1, 2, 3], thr)
+        rt, rp = remap_ids(t)[0], remap_ids(p)[0]
+        for k, c in enumerate([1, 2, 3]):
+            tc = np.where(np.isin(rt, np.flatnonzero(tt == c) + 1), rt, 0)
+            pc = np.where(np.isin(rp, np.flatnonzero(pt == c) + 1), rp, 0)
+            tp, fp, fn, s = ref_pq_pairs(tc, pc, thr)
+            np.testing.assert_allclose(cnt[k], [tp, fp, fn, s], atol=1e-12)
+
+def test_class_pq_pannuke_and_conic_by_hand():
+    # class 1: TP 1 (IoU 1), FN 1; class 2: FP 1 only (no true nucleus: NaN in PanNuke, 0 in CoNIC)
+    cnt = np.array([[1, 0, 1, 1.0], [0, 1, 0, 0.0]])
+    pqc = class_pq(cnt)
+    assert pqc[0] == pytest.approx((1 / 1.5) / (1 + 1e-6)) and np.isnan(pqc[1])
+    pooled = pooled_class_pq(cnt)
+    assert pooled[0] == pytest.approx((1 / (1.5 + 1e-6)) / (1 + 1e-6)) and pooled[1] == 0.0
+
+
+# ---------------------------------------------------------------- evaluate
+def _sample(inst, types, group=None, name='x'):
+    meta = {'image_id': name} | ({'group': group} if group else {})
+    return make_sample(np.zeros(inst.shape + (3,), np.uint8), inst, inst_types=types, meta=meta)
+
+def test_evaluate_samples_groups_and_pooled_row():
+    t1 = np.zeros((16, 16), np.int32); square(t1, 1, 1, 4, 4, 1); square(t1, 8, 8, 4, 4, 2)
+    p1 = np.zeros_like(t1); square(p1, 1, 1, 4, 4, 1); square(p1, 8, 9, 4, 4, 2)   # 2nd shifted (IoU 12/20)
+    t2 = np.zeros_like(t1); square(t2, 2, 2, 5, 5, 1)
+    trues = [_sample(t1, [1, 2], 'seen', 'a'), _sample(t2, [2], 'unseen', 'b'), _sample(np.zeros_like(t1), [], 'seen', 'c')]
+    preds = [_sample(p1, [1, 1], name='a'), _sample(np.zeros_like(t1), []), _sample(np.zeros_like(t1), [])]
+    df = evaluate(trues, preds)
+    assert df.kind.tolist() == ['image'] * 3 + ['mean'] * 3 + ['pooled'] * 3
+    assert df.image.tolist()[:3] == ['a', 'b', 'c'] and df.group.tolist()[:3] == ['seen', 'unseen', 'seen']
+    img = df[df.kind == 'image'].set_index('image')
+    assert img.loc['a', 'dq'] == 1.0 and img.loc['b', 'pq'] == 0.0 and np.isnan(img.loc['c', 'pq'])
+    mean_all = df[(df.kind == 'mean') & (df.group == 'all')].iloc[0]
+    assert mean_all.pq == pytest.approx((img.loc['a', 'pq'] + 0.0) / 2)  # image c (both empty) left out
+    assert mean_all.n_images == 3
+    pooled = df[(df.kind == 'pooled') & (df.group == 'all')].iloc[0]
+    # pairs: (1,1) ok and (2,1) wrong type; FN: image b's type-2 nucleus
+    assert (pooled.tp_d, pooled.fp_d, pooled.fn_d) == (2, 0, 1)
+    assert pooled.f1_d == pytest.approx(4 / 5) and pooled.acc == 0.5
+    assert pooled.f1_c_1 == pytest.approx(2 / (2 + 2)) and pooled.f1_c_2 == 0.0
+    # PanNuke per-image class PQ, image a: class 1 TP 1 (IoU 1) + FP 1 (the mistyped prediction);
+    # class 2 has a true nucleus but no type-2 prediction -> 0
+    assert img.loc['a', 'pq_1'] == pytest.approx((1 / 1.5) / (1 + 1e-6), abs=1e-12) and img.loc['a', 'pq_2'] == 0.0
+    assert img.loc['a', 'mpq'] == pytest.approx(img.loc['a', 'pq_1'] / 2) and img.loc['a', 'bpq'] == img.loc['a', 'pq']
+    assert np.isnan(img.loc['b', 'pq_1']) and img.loc['b', 'pq_2'] == 0.0  # PanNuke skips classes absent from truth
+    assert np.isnan(img.loc['c', 'mpq']) and np.isnan(img.loc['c', 'bpq'])
+    # CoNIC mPQ+: class 1 TP 1 (IoU 1), FP 1 (the wrongly typed prediction); class 2 TP 0
+    assert pooled.pq_plus_1 == pytest.approx((1 / (1.5 + 1e-6)) / (1 + 1e-6)) and pooled.pq_plus_2 == 0.0
+    assert pooled.mpq_plus == pytest.approx(pooled.pq_plus_1 / 2)
+
+def test_evaluate_arrays_with_type_maps_and_errors():
+    t = np.zeros((16, 16), np.int32); square(t, 1, 1, 4, 4, 7); square(t, 8, 8, 4, 4, 3)
+    tmap = np.where(t == 7, 2, np.where(t == 3, 1, 0))
+    df = evaluate([t], [t], types=([tmap], [np.array([1, 2])]))  # per-instance types in sorted-id order (3, 7)
+    pooled = df.iloc[-1]
+    assert pooled.kind == 'pooled' and pooled.f1_d == 1.0 and pooled.acc == 1.0 and 'group' not in df
+    df = evaluate([t], [t])
+    assert df.kind.tolist() == ['image', 'mean'] and 'f1_d' not in df
+    with pytest.raises(ValueError, match='1 true images but 2'): evaluate([t], [t, t])
+    with pytest.raises(LabelError, match='types'): evaluate([t], [t], types=([np.array([1])], [np.array([1, 2])]))
+    df = evaluate([t, np.zeros_like(t)], [t, t], names=['u', 'v'], groups=['g1', 'g2'])
+    assert df.image.tolist()[:2] == ['u', 'v'] and set(df.group) == {'g1', 'g2', 'all'}
