@@ -30,7 +30,7 @@ venv:
 	fi
 
 demo: venv
-	$(BIN)/nucbook run 10_data_tour --profile smoke
+	$(BIN)/nucbook run 11_insmix --profile smoke
 
 export: venv
 	$(BIN)/nbdev-export

@@ -2,8 +2,21 @@
 
 Modules:
 
+- `nucbook.augment`: One interface for every augmentation in nucbook, and the mix-based baselines (MixUp, CutOut, CutMix, CowOut, CowMix, Copy-Paste, GradMix) written for instance segmentation with nucleus types.
 - `nucbook.cli`: `nucbook run` executes a notebook with parameters into a run folder; `nucbook batch` runs a parameter grid and gathers the results; `nucbook fetch` / `nucbook verify` get and check datasets.
+- `nucbook.data`: Dataset manifests, class maps (with the merges the papers use) and loaders for every dataset's native format, all returning `Sample`s through one call: `load_dataset(name, split, root)`.
+- `nucbook.diffusion`: Unconditional and label-conditioned (semantic) patch diffusion models, their training loop with EMA and resumable checkpoints, DDIM sampling from noise or from a noised real patch, and classifier-free guidance: the machinery that NucleiMix (inpainting, see `nucbook.inpaint`) and DiffMix (semantic synthesis) compose.
+- `nucbook.fetch`: Download a dataset listed in `data_manifests/`, resume partial downloads, check sizes and sha256, unpack it and move it into place atomically; or register a copy you already have. `verify` re-checks a dataset on disk.
+- `nucbook.fid`: Fréchet and kernel Inception distances through torchmetrics, fed by our own feature extractors: the standard FID Inception-v3 in plain torch (comparable with published values when its weights file is present), or an offline random-feature network for tests and smoke runs (not comparable).
+- `nucbook.hovernet`: A HoVer-Net-style nucleus segmentation and classification model (Graham et al. 2019): a pre-activation ResNet encoder, nuclear-pixel (NP), horizontal-vertical distance (HV) and optional type (TP) decoders, HoVer-Net's targets and losses, and its marker-controlled watershed post-processing.
+- `nucbook.infer`: Sliding-window prediction of whole tiles (e.g. 1000x1000) in batches of overlapping windows, HoVer-Net post-processing into instance and type maps, and evaluation of a model on a list of samples.
+- `nucbook.inpaint`: Fill a masked region of an H&E patch with an unconditional diffusion model: RePaint-style resampling and the manifold-constrained gradient (MCG) sampler of NucleiMix. Known pixels are never changed.
+- `nucbook.insmix`: Copy-Paste-Smooth augmentation for nuclei instance segmentation: morphology-constrained (SSD) copy-paste from an instance bank, background perturbation, and a smooth-GAN that re-renders pasted nuclei in their new context.
+- `nucbook.metrics`: Instance (Dice, AJI, AJI+, DQ/SQ/PQ, object and pixel F1), classification (F1_d, Acc, F1_c) and per-class panoptic metrics (mPQ, bPQ, mPQ+) with HoVer-Net's exact semantics, computed from one contingency table.
+- `nucbook.patches`: Cropping that keeps labels valid, random and sliding-window patches with mirror padding, and a torch `Dataset` with an augmentation hook.
 - `nucbook.sample`: The one sample type every loader returns and every augmentation, model and metric takes: an RGB image, an instance map with contiguous ids, and optional nucleus types.
-- `nucbook.synth`: Procedurally generated H&E-like tiles with exact instance and type labels: the embedded default data of every nucbook notebook, since real datasets cannot be shipped."""
+- `nucbook.synth`: Procedurally generated H&E-like tiles with exact instance and type labels: the embedded default data of every nucbook notebook, since real datasets cannot be shipped.
+- `nucbook.train`: A resumable trainer for nucleus segmentation models: random crops with exact labels, standard and plug-in augmentation, Adam with cosine warm restarts, bf16 and channels-last on GPU, atomic checkpoints, per-epoch logs and validation, and DistributedDataParallel under `torchrun`.
+- `nucbook.viz`: Looking at data: instance contours coloured by type, a per-dataset summary with the nucleus-size distribution, and a browser for JupyterLab."""
 
 __version__ = "0.1.0"

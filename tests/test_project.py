@@ -55,3 +55,19 @@ def test_import_touches_no_gpu_or_network():
             "print('ok')\n")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr
+
+
+def test_imports_only_in_import_cells():
+    "The docs build (nbdev-proc-nbs) executes every cell that imports something: such cells must hold imports only."
+    import ast
+    bad = []
+    for p in sorted((ROOT/'nbs').glob('*.ipynb')):
+        for i, c in enumerate(json.loads(p.read_text())['cells']):
+            src = ''.join(c['source'])
+            if c['cell_type'] != 'code' or re.search(r'^#\|\s*export', src, re.M): continue
+            try: tree = ast.parse('\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('%', '!'))))
+            except SyntaxError: continue
+            imports = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree))
+            other = any(not isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body)
+            if imports and other: bad.append(f'{p.name} cell {i}: {src.splitlines()[0][:60]}')
+    assert not bad, 'cells mixing imports and code:\n' + '\n'.join(bad)

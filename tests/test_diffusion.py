@@ -1,0 +1,186 @@
+"Diffusion core: objective, schedulers, guidance, null labels, save/load, seeded sampling, resumable training."
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from nucbook.diffusion import (cfg_combine, ddim_sample, ddim_scheduler, diffusion_loss, drop_labels, label_channels,
+                               load_diffusion, make_noise_scheduler, make_semantic_unet, make_unet, predict_eps,
+                               random_patches, save_diffusion, train_diffusion)
+from nucbook.synth import synth_dataset
+
+torch.set_num_threads(1)  # pytest -n 2 on 2 cores
+S = 32  # patch side of the test models
+
+
+@pytest.fixture(scope='module')
+def tiles():
+    return synth_dataset(4, 'train', seed=0, size=64)
+
+
+@pytest.fixture(scope='module')
+def batch(tiles):
+    return random_patches(tiles, 4, S, 0, n_classes=4)
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed); return make_unet('tiny', sample_size=S).eval()
+
+
+def _sem(seed=0):
+    torch.manual_seed(seed); return make_semantic_unet('tiny', n_classes=4, sample_size=S).eval()
+
+
+class Oracle(torch.nn.Module):
+    "A perfect noise predictor for the constant image c: eps = (y_t - sqrt(abar_t) c) / sqrt(1 - abar_t)."
+    def __init__(self, c, sched):
+        super().__init__(); self.c = c; self.abar = sched.alphas_cumprod; self.w = torch.nn.Parameter(torch.zeros(()))
+        self.config = type('cfg', (), {'sample_size': S})()
+    def forward(self, y, t):
+        a = self.abar[torch.as_tensor(t).long()].float().reshape(-1, 1, 1, 1)
+        return type('out', (), {'sample': (y - a.sqrt() * self.c) / (1 - a).sqrt() + 0 * self.w})()
+
+
+@pytest.mark.parametrize('make', [_unet, _sem])
+def test_loss_decreases_on_fixed_batch(make, batch):
+    x0, lab = batch
+    model = make().train(); sched = make_noise_scheduler()
+    g = torch.Generator().manual_seed(1)
+    t, eps = torch.randint(50, 950, (4,), generator=g), torch.randn(x0.shape, generator=g)
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    losses = []
+    for _ in range(30):
+        loss = diffusion_loss(model, sched, x0, t, eps, lab if make is _sem else None)
+        opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_scheduler_round_trip(batch):
+    x0 = batch[0]; sched = make_noise_scheduler(); ddim = ddim_scheduler(sched, 100)
+    for t in (0, 10, 549, 999):  # noising, then one exact denoise with the true noise: x0 back
+        eps = torch.randn_like(x0); yt = sched.add_noise(x0, eps, torch.tensor([t]))
+        torch.testing.assert_close(ddim.step(eps, t, yt, eta=0.0).pred_original_sample, x0, atol=2e-4, rtol=0)
+    one = ddim_scheduler(sched, 1); eps = torch.randn_like(x0)
+    assert one.timesteps.tolist() == [999]
+    torch.testing.assert_close(one.step(eps, 999, sched.add_noise(x0, eps, torch.tensor([999]))).prev_sample, x0, atol=2e-4, rtol=0)
+
+
+def test_diffmix_start_step_runs_55_steps_from_t549(batch):
+    x0, lab = batch; model = _sem(); sched = make_noise_scheduler()
+    seen = []
+    h = model.register_forward_hook(lambda m, a, o: seen.append(int(a[1][0])))
+    out = ddim_sample(model, sched, y0=x0[:2], start_step=54, steps=100, x=lab[:2], s=1.5, seed=0)
+    h.remove()
+    assert out.shape == (2, 3, S, S) and len(seen) == 55 and seen[0] == 549 and seen[-1] == 9
+    seen.clear(); h = model.register_forward_hook(lambda m, a, o: seen.append(int(a[1][0])))
+    ddim_sample(model, sched, y0=x0[:1], start_step=54, steps=100, x=lab[:1], s=1.5, seed=0, solver='dpm++')
+    h.remove()
+    assert len(seen) == 55 and seen[0] == 549
+    with pytest.raises(ValueError, match='start_step'): ddim_sample(model, sched, y0=x0, start_step=100, steps=100, x=lab)
+    with pytest.raises(ValueError, match='deterministic'): ddim_sample(model, sched, y0=x0, start_step=5, steps=10, x=lab, eta=1.0, solver='dpm++')
+    with pytest.raises(ValueError, match='start_step'): ddim_sample(model, sched, y0=x0, steps=100, x=lab)
+
+
+def test_ddim_with_exact_model_returns_its_image():
+    sched = make_noise_scheduler(); c = 0.25
+    for steps, eta, solver in ((1, 0.0, 'ddim'), (10, 0.0, 'ddim'), (10, 1.0, 'ddim'), (10, 0.0, 'dpm++'), (3, 0.0, 'dpm++')):
+        out = ddim_sample(Oracle(c, sched), sched, 2, steps=steps, eta=eta, seed=0, solver=solver)
+        torch.testing.assert_close(out, torch.full_like(out, c), atol=1e-3, rtol=0)
+
+
+def test_guidance_scale_zero_is_unconditional_one_is_conditional(batch):
+    # eps_hat = eps_u + s (eps_c - eps_u): s = 0 -> unconditional, s = 1 -> conditional, s = 1.5 -> DiffMix
+    x, lab = batch; model = _sem(); t = torch.tensor([5, 300, 600, 990])
+    with torch.no_grad():
+        eps_c, eps_u = model(x, t, lab).sample, model(x, t, None).sample
+        assert (eps_c - eps_u).abs().max() > 1e-4
+        torch.testing.assert_close(predict_eps(model, x, t, lab, s=0.0), eps_u, atol=1e-5, rtol=0)
+        torch.testing.assert_close(predict_eps(model, x, t, lab, s=1.0), eps_c, atol=1e-5, rtol=0)
+        torch.testing.assert_close(predict_eps(model, x, t, lab, s=1.5), eps_u + 1.5 * (eps_c - eps_u), atol=1e-4, rtol=0)
+    a, b = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])
+    assert cfg_combine(a, b, 0).tolist() == [1.0, 1.0] and cfg_combine(a, b, 1).tolist() == [2.0, -1.0]
+    assert cfg_combine(a, b, 1.5).tolist() == [2.5, -2.0]
+    with pytest.raises(ValueError, match='no label'): predict_eps(_unet(), x, t, lab)
+
+
+def test_null_label_dropout_rate():
+    x = torch.ones(20000, 2, 1, 1)
+    xd, dropped = drop_labels(x, 0.2, torch.Generator().manual_seed(0))
+    assert abs(dropped.float().mean().item() - 0.2) < 0.015
+    assert (xd[dropped] == 0).all() and (xd[~dropped] == 1).all()
+    assert not drop_labels(x, 0.0, torch.Generator())[1].any() and drop_labels(x, 1.0, torch.Generator())[1].all()
+    with pytest.raises(ValueError, match='p_uncond'): drop_labels(x, -0.1, torch.Generator())
+
+
+def test_label_channels_hand_built():
+    inst = np.zeros((4, 5), np.int32); inst[1:3, 1:3] = 1; inst[:, 4] = 2
+    typ = np.where(inst == 2, 2, inst)
+    lab = label_channels(inst, typ, 2)
+    assert lab.shape == (4, 4, 5) and lab.dtype == np.float32
+    np.testing.assert_array_equal(lab[0], inst == 0); np.testing.assert_array_equal(lab[1], inst == 1)
+    np.testing.assert_array_equal(lab[2], inst == 2)
+    edge = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], np.float32)
+    np.testing.assert_array_equal(lab[3], edge)
+    np.testing.assert_array_equal(label_channels(inst, None, 1)[1], inst > 0)
+    with pytest.raises(ValueError, match='0..1'): label_channels(inst, typ, 1)
+
+
+def test_random_patches_deterministic(tiles):
+    a, la = random_patches(tiles, 3, S, 7, n_classes=4)
+    b, lb = random_patches(tiles, 3, S, torch.Generator().manual_seed(7), n_classes=4)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert la[:, :5].sum(1).eq(1).all()  # one class per pixel
+    with pytest.raises(ValueError, match='no samples'): random_patches([], 1, S, 0)
+
+
+@pytest.mark.parametrize('make', [_unet, _sem])
+def test_save_load_round_trip(make, batch, tmp_path):
+    x, lab = batch; model = make(); sched = make_noise_scheduler(); t = torch.tensor([1, 200, 500, 999])
+    save_diffusion(tmp_path/'m', model, sched)
+    save_diffusion(tmp_path/'m', model, sched)  # overwriting an existing folder works
+    m2, s2 = load_diffusion(tmp_path/'m')
+    args = (x, t, lab) if make is _sem else (x, t)
+    with torch.no_grad(): assert torch.equal(model(*args).sample, m2(*args).sample)
+    assert torch.equal(s2.alphas_cumprod, sched.alphas_cumprod) and type(m2) is type(model)
+    if make is _unet:  # stock diffusers loads the unconditional model
+        assert isinstance(DDPMPipeline.from_pretrained(tmp_path/'m').unet, type(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m']  # no temporary folders left
+    with pytest.raises(FileNotFoundError, match='config.json'): load_diffusion(tmp_path/'nothing')
+
+
+def test_sampling_deterministic_per_seed():
+    model = _unet(); sched = make_noise_scheduler()
+    a = ddim_sample(model, sched, 3, steps=4, eta=1.0, seed=[3, 4, 5])
+    assert torch.equal(a, ddim_sample(model, sched, 3, steps=4, eta=1.0, seed=[3, 4, 5]))
+    torch.testing.assert_close(a, ddim_sample(model, sched, 3, steps=4, eta=1.0, seed=[3, 4, 5], batch_size=1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(a[1:], ddim_sample(model, sched, 2, steps=4, eta=1.0, seed=4), atol=1e-4, rtol=0)  # seed + i
+    assert not torch.allclose(a[0], a[1])
+    with pytest.raises(ValueError, match='seeds'): ddim_sample(model, sched, 3, steps=4, seed=[1, 2])
+
+
+class Stop(Exception): pass
+
+
+def test_resume_after_stopped_run(tiles, tmp_path):
+    kw = dict(steps=6, batch_size=2, patch_size=S, lr=1e-3, ckpt_every=2, ema_decay=0.9, seed=3)
+    full = train_diffusion(_sem(), tiles, tmp_path/'full', **kw)
+
+    def stop_at_5(step, loss):
+        if step == 5: raise Stop
+    with pytest.raises(Stop): train_diffusion(_sem(), tiles, tmp_path/'cut', callback=stop_at_5, **kw)
+    assert not (tmp_path/'cut'/'model').exists()  # stopped before the end
+    resumed = train_diffusion(_sem(), tiles, tmp_path/'cut', **kw)  # picks up the step-4 checkpoint
+    assert resumed.resumed_from == 4 and resumed.step == 6
+    assert resumed.losses == full.losses
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for a, b in zip(full.ema.shadow_params, resumed.ema.shadow_params): assert torch.equal(a, b)
+    assert (tmp_path/'cut'/'model'/'unet'/'config.json').exists()
+    with pytest.raises(ValueError, match='other settings'):
+        train_diffusion(_sem(), tiles, tmp_path/'cut', **{**kw, 'seed': 4})
+
+
+def test_training_rejects_bad_setup(tiles, tmp_path):
+    with pytest.raises(ValueError, match='label channels'):
+        train_diffusion(_sem(), tiles, tmp_path, steps=1, n_classes=2, patch_size=S)
+    with pytest.raises(ValueError, match='no training samples'):
+        train_diffusion(_unet(), [], tmp_path, steps=1)

@@ -1,0 +1,119 @@
+"""Trainer: resume after a real SIGKILL ends with the same state as an uninterrupted run; DDP (gloo, 2 processes);
+the baseline notebook's smoke profile through `nucbook run`."""
+import json, os, signal, subprocess, sys, textwrap
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from nucbook.train import TrainConfig, epoch_batches, load_checkpoint, lr_curve, INSMIX_SCHEDULE, NUCLEIMIX_SCHEDULE
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'NO_ALBUMENTATIONS_UPDATE': '1', 'MPLBACKEND': 'Agg'}
+
+RUN = textwrap.dedent('''
+    import os, signal, sys, torch
+    from nucbook.hovernet import HoVerNet
+    from nucbook.train import fit
+    from nucbook.synth import synth_dataset
+    from nucbook.core import seed_everything
+    out, kill_at = sys.argv[1], int(sys.argv[2])
+    def killer(t):
+        if t.global_step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+    seed_everything(int(sys.argv[3]))  # Python, NumPy and torch
+    tr = fit(HoVerNet('tiny', n_types=4), synth_dataset(4, 'train', seed=0, size=96), None, out, epochs=2, batch_size=2,
+             crop_size=64, crops_per_image=2, T_0=1, ckpt_every=2, callbacks=[killer], progress=False, threads=1)
+    torch.save(tr.state_dict(), os.path.join(out, 'final.pt'))
+''')
+
+
+def _run(script, *args, cwd, timeout=240):
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _assert_same(a, b, path='state'):
+    "Recursive exact equality of nested checkpoint states (tensors, arrays, numbers, containers)."
+    if isinstance(a, torch.Tensor): assert torch.equal(a, b), path
+    elif isinstance(a, np.ndarray): assert np.array_equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a: _assert_same(a[k], b[k], f'{path}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)): _assert_same(x, y, f'{path}[{i}]')
+    else: assert a == b or (a != a and b != b), f'{path}: {a} != {b}'
+
+
+def test_killed_run_resumes_to_identical_state(tmp_path):
+    script = tmp_path/'run.py'; script.write_text(RUN)
+    full, killed = tmp_path/'full', tmp_path/'killed'
+    p = _run(script, full, 0, 0, cwd=tmp_path); assert p.returncode == 0, p.stderr
+    p = _run(script, killed, 7, 0, cwd=tmp_path)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)  # really killed, no clean-up ran
+    ck = load_checkpoint(killed/'last.pt')
+    assert (ck['epoch'], ck['step'], ck['global_step']) == (1, 2, 6)  # mid-epoch checkpoint: sampler position kept
+    assert not (killed/'final.pt').exists() and not list(killed.glob('*.tmp'))
+    p = _run(script, killed, 0, 99, cwd=tmp_path); assert p.returncode == 0, p.stderr  # other init seed: overridden
+    assert 'resumed from' in p.stderr
+    a, b = torch.load(full/'final.pt', weights_only=False), torch.load(killed/'final.pt', weights_only=False)
+    for k in ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step', 'global_step', 'config'): _assert_same(a[k], b[k], k)
+    _assert_same(a['rng'], b['rng'], 'rng')  # Python, NumPy and torch random states
+    drop = lambda h: [{k: v for k, v in r.items() if k not in ('time_s', 'images_per_s')} for r in h]
+    assert drop(a['history']) == drop(b['history'])
+    assert a['global_step'] == 8 and len(a['history']) == 2
+    assert not all(torch.equal(ck['model'][k], a['model'][k]) for k in ck['model'])  # steps 7-8 did train
+
+
+DDP = textwrap.dedent('''
+    import os, sys, torch
+    from nucbook.hovernet import HoVerNet
+    from nucbook.train import fit
+    from nucbook.synth import synth_dataset
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    tr = fit(HoVerNet('tiny'), synth_dataset(4, 'train', seed=0, size=96), None, out, epochs=2, batch_size=2,
+             crop_size=64, crops_per_image=2, progress=False, threads=1)
+    torch.save({'params': dict(tr.raw_model.named_parameters()), 'rank': tr.rank, 'world': tr.world,
+                'steps': tr.global_step}, os.path.join(out, f'rank{tr.rank}.pt'))
+''')
+
+
+def test_ddp_gloo_two_processes(tmp_path):
+    script = tmp_path/'ddp.py'; script.write_text(DDP)
+    out = tmp_path/'out'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), str(out)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (torch.load(out/f'rank{r}.pt', weights_only=False) for r in (0, 1))
+    assert (r0['rank'], r1['rank'], r0['world']) == (0, 1, 2)
+    assert r0['steps'] == r1['steps'] == 4  # 8 items per epoch shared by 2 processes, batches of 2, 2 epochs
+    for k in r0['params']: assert torch.equal(r0['params'][k], r1['params'][k]), k  # gradients were all-reduced
+    ck = load_checkpoint(out/'last.pt')
+    assert ck['world'] == 2 and ck['global_step'] == 4 and len(ck['history']) == 2
+    assert json.loads((out/'train_log.json').read_text())[-1]['epoch'] == 2
+
+
+def test_ddp_shares_are_disjoint_and_equal():
+    shares = [epoch_batches(37, 4, seed=3, epoch=5, rank=r, world=3) for r in range(3)]
+    keys = [{k for b in s for k in b} for s in shares]
+    assert len({len(s) for s in shares}) == 1 and not (keys[0] & keys[1] or keys[1] & keys[2] or keys[0] & keys[2])
+    assert all(len(b) == 4 for s in shares for b in s)
+
+
+def test_schedules():
+    ins = lr_curve(TrainConfig(**INSMIX_SCHEDULE), steps_per_epoch=2)
+    assert ins[0] == pytest.approx(1e-3) and ins[100] == pytest.approx(1e-3) and ins[50] == pytest.approx(5e-4)
+    nm = lr_curve(TrainConfig(**NUCLEIMIX_SCHEDULE))
+    assert nm[0] == pytest.approx(1e-4) and nm[25] == pytest.approx(1e-4) and nm[24] == pytest.approx(1e-5 + 4.5e-5 * (1 + np.cos(np.pi * 24 / 25)))
+
+
+def test_smoke_notebook_beats_untrained(tmp_path):
+    nucbook = Path(sys.executable).parent/'nucbook'
+    cmd = [str(nucbook), 'run', '10a_baseline', '--profile', 'smoke', '--out', str(tmp_path/'run'), '--no-progress']
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    m = json.loads((tmp_path/'run'/'metrics.json').read_text())
+    assert m['dataset'] == 'synthetic' and m['profile'] == 'smoke' and m['model_size'] == 'tiny'
+    assert m['aji'] > m['untrained_aji'] + 0.2 and m['aji'] > 0.3, m
+    assert m['dice1'] > 0.8 and 0 <= m['classification']['F_d'] <= 1
+    assert (tmp_path/'run'/'predictions.png').exists() and (tmp_path/'run'/'train'/'last.pt').exists()
