@@ -20,10 +20,9 @@ from .core import as_rng, atomic_write, atomic_write_json
 from .sample import Sample, LabelError, type_map_from_types, instance_centroids, keep_largest_component
 
 # %% auto #0
-__all__ = ['AUGMENTATIONS', 'Augmented', 'check_sample', 'check_donor', 'largest_pieces', 'blend', 'erase', 'mask_mix',
-           'random_box', 'box_mask', 'cow_mask', 'Augmentation', 'pick_donor', 'MixUp', 'CutOut', 'CutMix', 'CowOut',
-           'CowMix', 'CopyPaste', 'median_at', 'GradMix', 'as_transform', 'load_augmented', 'augment_set',
-           'get_augmentation']
+__all__ = ['AUGMENTATIONS', 'Augmented', 'check_sample', 'check_donor', 'blend', 'erase', 'mask_mix', 'random_box', 'box_mask',
+           'cow_mask', 'Augmentation', 'pick_donor', 'MixUp', 'CutOut', 'CutMix', 'CowOut', 'CowMix', 'CopyPaste',
+           'median_at', 'GradMix', 'as_transform', 'load_augmented', 'augment_set', 'get_augmentation']
 
 # %% ../nbs/06_augment.ipynb #65d20abf
 @dataclass
@@ -82,23 +81,6 @@ def check_donor(
     return area
 
 # %% ../nbs/06_augment.ipynb #4b2c70cb
-def largest_pieces(
-    inst_map:np.ndarray, # integer instance map (ids need not be contiguous)
-) -> np.ndarray:
-    "Keep only the largest 8-connected piece of every instance (ties: the first in raster order); vectorised."
-    m = np.asarray(inst_map)
-    if m.size == 0 or m.max() <= 0: return m.copy()
-    comp, nc = label_regions(m, background=0, connectivity=2, return_num=True)
-    if nc == int((np.bincount(m.ravel())[1:] > 0).sum()): return m.copy()  # nothing is split
-    size = np.bincount(comp.ravel(), minlength=nc + 1)
-    owner = np.rint(np.bincount(comp.ravel(), weights=m.ravel(), minlength=nc + 1) / np.maximum(size, 1)).astype(np.int64)
-    c = np.arange(1, nc + 1)
-    order = np.lexsort((c, -size[1:], owner[1:]))  # by owner, then largest first, then raster order
-    first = np.ones(nc, bool); first[1:] = owner[1:][order][1:] != owner[1:][order][:-1]
-    keep = np.zeros(nc + 1, bool); keep[c[order][first]] = True
-    return np.where(keep[comp], m, 0).astype(m.dtype)
-
-# %% ../nbs/06_augment.ipynb #5069fa3c
 def _source(s:Sample, role:str, **extra) -> dict:
     d = {'role': role, 'image_id': s.meta.get('image_id'), 'shape': [int(v) for v in s.image.shape[:2]]}
     return {**d, **extra}
@@ -145,7 +127,7 @@ class _Canvas:
     def finish(self, method:str, params:dict, min_area:int, centroids:bool=False) -> Augmented:
         "Apply the label rules (largest visible piece, minimum area, relabelling) and build the record."
         # one pass over the connected pieces of the code map does rules 2-4 (same result as
-        # remove_small_instances(largest_pieces(code), min_area), tested in tests/test_augment.py)
+        # remove_small_instances(keep_largest_component(code), min_area), tested in tests/test_augment.py)
         K = len(self.src) - 1
         comp, nc = label_regions(self.code, background=0, connectivity=2, return_num=True)
         flat = comp.ravel()
@@ -182,7 +164,7 @@ class _Canvas:
         meta = {**self.meta, 'augment': [*self.meta.get('augment', []), record]}
         return Augmented(Sample(self.image, inst, tmap, types, meta), record)
 
-# %% ../nbs/06_augment.ipynb #f08e253b
+# %% ../nbs/06_augment.ipynb #0711150c
 def _same_typing(s:Sample, d:Sample, role:str):
     if s.has_types != d.has_types:
         raise LabelError(f'{_who(d, role)}: cannot mix a {"typed" if s.has_types else "untyped"} sample with a '
@@ -276,7 +258,7 @@ def _check_mask(mask, s:Sample) -> np.ndarray:
     if m.dtype != bool: raise ValueError(f'mask must be boolean, got {m.dtype}')
     return np.ascontiguousarray(m)
 
-# %% ../nbs/06_augment.ipynb #723a674a
+# %% ../nbs/06_augment.ipynb #7861bc8a
 def random_box(
     shape:tuple, # (H, W)
     side:float, # box side as a fraction of each image side (CutMix: sqrt(1 - lam))
@@ -310,7 +292,7 @@ def cow_mask(
     thr = zs.mean() + np.sqrt(2) * zs.std() * erfinv(np.clip(2 * p - 1, -1, 1))
     return z <= thr
 
-# %% ../nbs/06_augment.ipynb #26477c09
+# %% ../nbs/06_augment.ipynb #898f955b
 class Augmentation:
     "Base class: `aug(sample, rng, pool=None) -> Augmented`; subclasses implement `apply`."
     name:str = 'augmentation'
@@ -372,7 +354,7 @@ def _derangement(n:int, rng:np.random.Generator) -> np.ndarray:
     order = rng.permutation(n); partner = np.empty(n, int); partner[order] = np.roll(order, -1)
     return partner
 
-# %% ../nbs/06_augment.ipynb #406f7b0e
+# %% ../nbs/06_augment.ipynb #26477c09
 class MixUp(Augmentation):
     "Zhang et al. 2018: blend with a pool image, lam ~ Beta(alpha, alpha) folded so the sample dominates."
     name, needs_pool = 'mixup', True
@@ -473,7 +455,7 @@ class CowMix(Augmentation):
         return _mask_mix(sample, area, pool[j], check_donor(pool[j], f'pool[{j}]'), mask, self.min_area, rng, self.name,
                          {**self.config(), 'sigma_drawn': sigma, 'p': p}, j, f'pool[{j}]')
 
-# %% ../nbs/06_augment.ipynb #8c998f7b
+# %% ../nbs/06_augment.ipynb #c359da72
 class CopyPaste(Augmentation):
     "Ghiasi et al. 2021: nuclei of a pool image, scale-jittered, pasted at random positions over the sample."
     name, needs_pool = 'copypaste', True
@@ -525,7 +507,7 @@ class CopyPaste(Augmentation):
             pastes.append({'source_id': i, 'xy': [x0, y0]})
         return c.finish(self.name, {**params, 'scale_drawn': s, 'flipped': flip, 'n_pasted': len(patches), 'pastes': pastes}, self.min_area)
 
-# %% ../nbs/06_augment.ipynb #6d5bb26c
+# %% ../nbs/06_augment.ipynb #b80f87f5
 def _disk(r:int) -> np.ndarray: return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)).astype(bool)
 
 def median_at(
@@ -682,7 +664,7 @@ class GradMix(Augmentation):
         c.code[T][rare] = code
         ring_all[T] |= ring; rare_all[T] |= rare
 
-# %% ../nbs/06_augment.ipynb #dc2585d7
+# %% ../nbs/06_augment.ipynb #7c867d90
 def as_transform(
     aug:Augmentation, # any augmentation
     pool:Sequence[Sample]|None=None, # samples to mix with (usually the training set)
@@ -739,7 +721,7 @@ def augment_set(
         out.append(a)
     return out
 
-# %% ../nbs/06_augment.ipynb #5cb93b7e
+# %% ../nbs/06_augment.ipynb #2b883f0a
 AUGMENTATIONS = {c.name: c for c in (MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix)}
 
 def get_augmentation(

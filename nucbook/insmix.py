@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .core import as_rng, atomic_write, get_device
 from .sample import Sample, to_inst_map, type_map_from_types
 from .augment import Augmentation, Augmented
-from .train import random_crop
+from .train import random_crop, save_checkpoint
 
 # %% auto #0
 __all__ = ['SSD_DEFAULTS', 'InstanceBank', 'f_scale', 'f_shape', 'f_dis', 'ssd_satisfied', 'ssd_copy_paste', 'pasted_mask',
@@ -408,11 +408,9 @@ def gan_batch(
 
 # %% ../nbs/11_insmix.ipynb #8e79b2c4
 def _save_checkpoint(path, G, D, opt_G, opt_D, step, history, rng):
-    buf = io.BytesIO()
-    torch.save(dict(G=G.state_dict(), D=D.state_dict(), opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(), step=step,
-                    history=history, np_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
-                    config=dict(cnum=G.cnum, softmax_scale=G.softmax_scale)), buf)
-    with atomic_write(path, 'wb') as fh: fh.write(buf.getvalue())
+    save_checkpoint(path, dict(G=G.state_dict(), D=D.state_dict(), opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(),
+                               step=step, history=history, np_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+                               config=dict(cnum=G.cnum, softmax_scale=G.softmax_scale)))
 
 def load_generator(path, device='cpu') -> 'SmoothGenerator':
     "The generator of a smooth-GAN checkpoint, in eval mode."

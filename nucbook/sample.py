@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 import numpy as np
+from skimage.measure import label as label_regions
 from skimage.segmentation import relabel_sequential
 
 # %% auto #0
@@ -91,18 +92,21 @@ def remove_small_instances(
         if small.any(): m = np.where(small[m], 0, m)
     return relabel_sequential(m.astype(np.int32))[0].astype(np.int32)
 
-def keep_largest_component(inst_map:np.ndarray) -> np.ndarray:
-    "Keep only the largest 8-connected piece of each instance (pieces cut off by occlusion become background)."
-    from scipy import ndimage as ndi
-    m = np.asarray(inst_map).astype(np.int32).copy()
-    for i, sl in enumerate(ndi.find_objects(m), start=1):
-        if sl is None: continue
-        crop = m[sl] == i
-        lab, n = ndi.label(crop, structure=np.ones((3, 3)))
-        if n > 1:
-            keep = np.argmax(np.bincount(lab.ravel())[1:]) + 1
-            m[sl][crop & (lab != keep)] = 0
-    return m
+def keep_largest_component(
+    inst_map:np.ndarray, # integer instance map (ids need not be contiguous)
+) -> np.ndarray:
+    "Keep only the largest 8-connected piece of every instance (ties: the first in raster order); others become 0."
+    m = np.asarray(inst_map)
+    if m.size == 0 or m.max() <= 0: return m.copy()
+    comp, nc = label_regions(m, background=0, connectivity=2, return_num=True)
+    if nc == int((np.bincount(m.ravel())[1:] > 0).sum()): return m.copy()  # nothing is split
+    size = np.bincount(comp.ravel(), minlength=nc + 1)
+    owner = np.rint(np.bincount(comp.ravel(), weights=m.ravel(), minlength=nc + 1) / np.maximum(size, 1)).astype(np.int64)
+    c = np.arange(1, nc + 1)
+    order = np.lexsort((c, -size[1:], owner[1:]))  # by owner, then largest first, then raster order
+    first = np.ones(nc, bool); first[1:] = owner[1:][order][1:] != owner[1:][order][:-1]
+    keep = np.zeros(nc + 1, bool); keep[c[order][first]] = True
+    return np.where(keep[comp], m, 0).astype(m.dtype)
 
 # %% ../nbs/01_sample.ipynb #84ad1a60
 def types_from_type_map(

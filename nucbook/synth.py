@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import cv2
 from skimage.color import combine_stains, rgb_from_hed
-from .sample import Sample, to_inst_map, type_map_from_types
+from .sample import Sample, keep_largest_component, to_inst_map, type_map_from_types
 
 # %% auto #0
 __all__ = ['SYNTH_TYPES', 'SYNTH_CLASSES', 'RARE_TYPE', 'SYNTH_SPLITS', 'NucleusType', 'synth_tile', 'synth_tile_seed',
@@ -83,19 +83,6 @@ def _nucleus_mask(rng, t:NucleusType, angle):
     return rho <= 1, rho
 
 # %% ../nbs/02_synth.ipynb #4d3eb269
-def _keep_largest_piece(inst, ids):
-    "Keep the largest 8-connected piece of each instance in `ids` (others are untouched)."
-    from scipy import ndimage as ndi
-    objs = ndi.find_objects(inst)
-    for i in ids:
-        sl = objs[i - 1] if i - 1 < len(objs) else None
-        if sl is None: continue
-        crop = inst[sl] == i
-        lab, k = ndi.label(crop, structure=np.ones((3, 3)))
-        if k > 1: inst[sl][crop & (lab != np.argmax(np.bincount(lab.ravel())[1:]) + 1)] = 0
-    return inst
-
-# %% ../nbs/02_synth.ipynb #1f8e4a67
 def _render(rng, inst, inst_types, rad, types, fibre_angle):
     "RGB image from labels: stain concentrations composed in HED space, Beer-Lambert to RGB."
     h, w = inst.shape
@@ -121,7 +108,7 @@ def _render(rng, inst, inst_types, rad, types, fibre_angle):
     rgb = rgb + rng.normal(0, 0.008, rgb.shape).astype(np.float32)
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-# %% ../nbs/02_synth.ipynb #92aef709
+# %% ../nbs/02_synth.ipynb #1f8e4a67
 def synth_tile(
     seed:int=0, # the tile is a pure function of its arguments
     size:int|tuple=256, # tile side, or (height, width)
@@ -162,7 +149,7 @@ def synth_tile(
         if under.any(): occluded.update(np.unique(under[under > 0]).tolist())
         inst[region][m] = i + 1; rad[region][m] = rho[m]
     # --- exact labels: visible part, largest piece, minimum area, contiguous ids
-    if occluded: inst = _keep_largest_piece(inst, occluded)
+    if occluded: inst = keep_largest_component(inst)
     area = np.bincount(inst.ravel(), minlength=n + 1)
     small = area < min_area; small[0] = False
     inst[small[inst]] = 0
@@ -174,7 +161,7 @@ def synth_tile(
               magnification=40, source=None, seed=seed)
     return Sample(image, inst, type_map, inst_types, {**md, **(meta or {})})
 
-# %% ../nbs/02_synth.ipynb #cb916296
+# %% ../nbs/02_synth.ipynb #8892b681
 SYNTH_SPLITS = {'train': 0, 'val': 1, 'test': 2}
 
 def synth_tile_seed(seed:int, split:str, index:int) -> int:

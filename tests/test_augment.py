@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, HealthCheck, strategies as st
 from scipy import ndimage as ndi
 from nucbook.augment import (Augmented, MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix, AUGMENTATIONS,
-                             as_transform, augment_set, load_augmented, blend, erase, mask_mix, largest_pieces,
+                             as_transform, augment_set, load_augmented, blend, erase, mask_mix,
                              check_sample, get_augmentation, median_at)
 from nucbook.sample import (Sample, LabelError, make_sample, keep_largest_component, remove_small_instances,
                             types_from_type_map)
@@ -106,12 +106,6 @@ def test_mask_mix_equals_reference_rules(seed, min_area):
     expected = remove_small_instances(keep_largest_component(code), min_area)
     got = mask_mix(a, b, mask, min_area=min_area)
     assert np.array_equal(got.sample.inst_map, expected)
-
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10 ** 6), k=st.integers(1, 6))
-def test_largest_pieces_equals_keep_largest_component(seed, k):
-    m = np.random.default_rng(seed).integers(0, k + 1, (20, 26)).astype(np.int32)
-    assert np.array_equal(largest_pieces(m), keep_largest_component(m))
 
 # ---- exact hand-built cases
 def hand_pair():

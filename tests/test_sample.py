@@ -1,0 +1,64 @@
+"The sample conventions and label utilities every module relies on."
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import ndimage as ndi
+from nucbook.sample import (LabelError, keep_largest_component, make_sample, remove_small_instances, to_inst_map,
+                            types_from_type_map, type_map_from_types)
+
+
+def _largest_piece_loop(m):
+    "Straightforward reference: for each id, label its pixels and keep the largest piece (first in raster order on ties)."
+    out = m.copy()
+    for i in np.unique(m)[1:]:
+        lab, n = ndi.label(m == i, structure=np.ones((3, 3)))
+        if n > 1:
+            keep = np.argmax(np.bincount(lab.ravel())[1:]) + 1
+            out[(lab > 0) & (lab != keep)] = 0
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), k=st.integers(1, 6))
+def test_keep_largest_component_matches_reference_loop(seed, k):
+    m = np.random.default_rng(seed).integers(0, k + 1, (20, 26)).astype(np.int32)
+    assert np.array_equal(keep_largest_component(m), _largest_piece_loop(m))
+
+
+def test_tie_keeps_first_piece_in_raster_order():
+    m = np.array([[1, 0, 1]], np.int32)
+    assert keep_largest_component(m).tolist() == [[1, 0, 0]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), min_area=st.integers(1, 6))
+def test_make_sample_invariants_on_random_labels(seed, min_area):
+    rng = np.random.default_rng(seed)
+    raw = rng.choice([0, 3, 8, 20, 21], size=(16, 16)).astype(np.int64)
+    types = {3: 1, 8: 2, 20: 3, 21: 4}
+    s = make_sample(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8), raw, inst_types=types, min_area=min_area)
+    ids = np.unique(s.inst_map)[1:]
+    assert list(ids) == list(range(1, s.n_instances + 1))
+    assert (np.bincount(s.inst_map.ravel())[1:] >= min_area).all()
+    assert np.array_equal(s.type_map, type_map_from_types(s.inst_map, s.inst_types))
+    assert np.array_equal(types_from_type_map(s.inst_map, s.type_map), s.inst_types)
+
+
+def test_to_inst_map_keeps_order_and_reports_original_ids():
+    new, old = to_inst_map(np.array([[0, 40, 40], [7, 0, 12]], np.uint16))
+    assert new.tolist() == [[0, 3, 3], [1, 0, 2]] and old.tolist() == [7, 12, 40]
+
+
+def test_bad_labels_name_the_file():
+    img = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(LabelError, match='x.tif: label map has dtype float32'):
+        make_sample(img, np.zeros((4, 4), np.float32), meta={'source': 'x.tif'})
+    with pytest.raises(LabelError, match='y.png: label map size 5x4'):
+        make_sample(img, np.zeros((4, 5), np.int32), meta={'source': 'y.png'})
+    with pytest.raises(LabelError, match='2 instance types for 1 instances'):
+        make_sample(img, np.eye(4, dtype=np.int32), inst_types=[1, 2])
+
+
+def test_remove_small_instances_renumbers():
+    m = np.array([[5, 5, 0, 9], [5, 0, 0, 0]], np.int32)
+    assert remove_small_instances(m, 2).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
