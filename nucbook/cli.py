@@ -266,7 +266,8 @@ def main(argv:list|None=None) -> int:
         elif args.cmd == 'verify':
             from nucbook.fetch import verify
             print(json.dumps(verify(args.name, root=args.root), indent=2, default=str))
-    except (RunError, ValueError, OSError) as e:
-        print(f'nucbook {args.cmd}: error: {e}', file=sys.stderr)
+    except (RunError, ValueError, OSError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f'nucbook {args.cmd}: error: {msg}', file=sys.stderr)
         sys.exit(1)
     return 0

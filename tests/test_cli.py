@@ -105,3 +105,16 @@ def test_bad_grid_file(tmp_path):
     g = tmp_path/'g.yaml'; g.write_text('notebook: x\nseeds: [1]\n')
     with pytest.raises(RunError, match='unknown keys'):
         load_grid(g)
+
+
+def test_fetch_and_verify_report_unknown_dataset(tmp_path):
+    for cmd in (['verify', 'nope', '--root', str(tmp_path)], ['fetch', 'nope', '--dest', str(tmp_path)]):
+        p = subprocess.run(NUCBOOK + cmd, capture_output=True, text=True)
+        assert p.returncode == 1 and 'Traceback' not in p.stderr
+        assert "no manifest for dataset 'nope'" in p.stderr and 'kumar' in p.stderr
+
+
+def test_verify_real_dataset(data_root):
+    p = subprocess.run(NUCBOOK + ['verify', 'monuseg2018', '--root', str(data_root)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)['dataset'] == 'monuseg2018'
