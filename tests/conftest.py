@@ -16,3 +16,25 @@ def data_root():
     if not d or not Path(d).is_dir():
         pytest.skip('NUCBOOK_DATA is not set (real-data test)')
     return Path(d)
+
+
+class OracleEps:
+    "A perfect noise predictor for a known clean image x0: eps = (y_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."
+    def __new__(cls, x0, sched, sample_size):
+        import torch
+
+        class _Oracle(torch.nn.Module):
+            def __init__(self):
+                super().__init__(); self.x0 = x0; self.abar = sched.alphas_cumprod
+                self.w = torch.nn.Parameter(torch.zeros(()))  # gives the samplers a parameter to read the device from
+                self.config = type('cfg', (), {'sample_size': sample_size})()
+            def forward(self, y, t):
+                a = self.abar[torch.as_tensor(t).long().cpu()].float().reshape(-1, 1, 1, 1)
+                return type('out', (), {'sample': (y - a.sqrt() * self.x0) / (1 - a).sqrt() + 0 * self.w})()
+        return _Oracle()
+
+
+@pytest.fixture
+def oracle():
+    "Factory of exact noise predictors for diffusion sampler tests: `oracle(x0, sched, sample_size)`."
+    return OracleEps

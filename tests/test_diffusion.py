@@ -30,16 +30,6 @@ def _sem(seed=0):
     torch.manual_seed(seed); return make_semantic_unet('tiny', n_classes=4, sample_size=S).eval()
 
 
-class Oracle(torch.nn.Module):
-    "A perfect noise predictor for the constant image c: eps = (y_t - sqrt(abar_t) c) / sqrt(1 - abar_t)."
-    def __init__(self, c, sched):
-        super().__init__(); self.c = c; self.abar = sched.alphas_cumprod; self.w = torch.nn.Parameter(torch.zeros(()))
-        self.config = type('cfg', (), {'sample_size': S})()
-    def forward(self, y, t):
-        a = self.abar[torch.as_tensor(t).long()].float().reshape(-1, 1, 1, 1)
-        return type('out', (), {'sample': (y - a.sqrt() * self.c) / (1 - a).sqrt() + 0 * self.w})()
-
-
 @pytest.mark.parametrize('make', [_unet, _sem])
 def test_loss_decreases_on_fixed_batch(make, batch):
     x0, lab = batch
@@ -80,10 +70,10 @@ def test_diffmix_start_step_runs_55_steps_from_t549(batch):
     with pytest.raises(ValueError, match='start_step'): ddim_sample(model, sched, y0=x0, steps=100, x=lab)
 
 
-def test_ddim_with_exact_model_returns_its_image():
+def test_ddim_with_exact_model_returns_its_image(oracle):
     sched = make_noise_scheduler(); c = 0.25
     for steps, eta, solver in ((1, 0.0, 'ddim'), (10, 0.0, 'ddim'), (10, 1.0, 'ddim'), (10, 0.0, 'dpm++'), (3, 0.0, 'dpm++')):
-        out = ddim_sample(Oracle(c, sched), sched, 2, steps=steps, eta=eta, seed=0, solver=solver)
+        out = ddim_sample(oracle(c, sched, S), sched, 2, steps=steps, eta=eta, seed=0, solver=solver)
         torch.testing.assert_close(out, torch.full_like(out, c), atol=1e-3, rtol=0)
 
 
