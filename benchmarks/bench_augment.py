@@ -6,8 +6,8 @@ import argparse, time
 import cv2
 cv2.setNumThreads(1)
 import numpy as np
-from nucbook.augment import MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix
-from nucbook.synth import synth_dataset
+from nucbook.augment.mix import MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix
+from nucbook.data.synth import synth_dataset
 
 # GradMix on synthetic tiles: the rare type is large there, so the paper's 2.3 area ratio matches almost nothing and
 # would measure an idle pass; 0.8 makes it replace ~10 nuclei per tile, the expensive case.

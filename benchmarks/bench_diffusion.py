@@ -8,16 +8,16 @@ within 5% of the 100-step FID (the goal beyond the papers, which sample 100 or 2
     python benchmarks/bench_diffusion.py [--model runs/.../model] [--n-fid 64] [--train-steps 300] [--threads 1] [--skip-speed|--skip-fid]
 
 Without --model a tiny unconditional model is trained first on synthetic tiles (--train-steps; minutes on CPU); FID
-uses `nucbook.diffusion.patch_fid_kid` (nucbook.fid when present, else a random-feature stand-in).
+uses `nucbook.engine.diffusion.patch_fid_kid` (nucbook.eval.fid when present, else a random-feature stand-in).
 """
 import argparse, os, tempfile, time
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import numpy as np
 import torch
-from nucbook.diffusion import (ddim_sample, diffusion_loss, load_diffusion, make_noise_scheduler, make_semantic_unet,
+from nucbook.engine.diffusion import (ddim_sample, diffusion_loss, load_diffusion, make_noise_scheduler, make_semantic_unet,
                                make_unet, patch_fid_kid, random_patches, train_diffusion)
-from nucbook.inpaint import mcg_inpaint
-from nucbook.synth import synth_dataset
+from nucbook.engine.inpaint import mcg_inpaint
+from nucbook.data.synth import synth_dataset
 
 STEPS = (10, 25, 50, 100)
 

@@ -22,7 +22,7 @@ def synthetic_xml(path, n=575, seed=0):
 def main(repeats=5):
     tmp = Path(tempfile.mkdtemp())
     os.environ['NUCBOOK_CACHE'] = str(tmp / 'cache')
-    from nucbook.data import xml_labels, read_image, load_dataset, MONUSEG_XY_OFFSET
+    from nucbook.data.datasets import xml_labels, read_image, load_dataset, MONUSEG_XY_OFFSET
     real = os.environ.get('NUCBOOK_DATA')
     xml = Path(real or '') / 'monuseg' / 'MoNuSegTestData' / 'TCGA-2Z-A9J9-01A-01-TS1.xml'
     if not (real and xml.exists()):

@@ -1,4 +1,4 @@
-"""Benchmark nucbook.metrics against a straightforward per-instance implementation on real MoNuSeg tiles.
+"""Benchmark nucbook.eval.metrics against a straightforward per-instance implementation on real MoNuSeg tiles.
 
 Ground truth: the 16-bit instance maps of the Kumar test tiles (`$NUCBOOK_DATA/monuseg/MoNuSegTrainingData/
 Instance_Maps/`). Prediction: a perturbed copy (eroded, split, merged, shifted, dropped instances and false
@@ -12,7 +12,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 
-from nucbook.metrics import instance_metrics
+from nucbook.eval.metrics import instance_metrics
 
 KUMAR_TEST = ['21-5784', '21-5786', 'B0-5698', 'B0-5710', 'CH-5767', 'E2-A14V', 'E2-A1B5', 'G9-6362',
               'AY-A8YK', 'DK-A2I6', 'G2-A2EK', 'KB-A93J', 'NH-A8F7', 'RD-A8N9']

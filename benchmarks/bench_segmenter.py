@@ -10,10 +10,10 @@ os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from nucbook.hovernet import HoVerNet, hovernet_loss, hovernet_targets
-from nucbook.infer import predict_maps
-from nucbook.synth import synth_dataset, synth_tile
-from nucbook.train import Trainer, TrainConfig
+from nucbook.models.hovernet import HoVerNet, hovernet_loss, hovernet_targets
+from nucbook.engine.infer import predict_maps
+from nucbook.data.synth import synth_dataset, synth_tile
+from nucbook.engine.train import Trainer, TrainConfig
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common GPUs, for the utilisation figure
 PEAK_BF16_TFLOPS = {'H100 SXM': 989, 'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312, 'L40S': 362, 'A10': 125,

@@ -4,7 +4,7 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 import cv2
 cv2.setNumThreads(1)
 import numpy as np
-from nucbook.synth import synth_tile
+from nucbook.data.synth import synth_tile
 
 def bench(size, n):
     synth_tile(0, size=size)  # warm-up

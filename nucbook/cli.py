@@ -261,10 +261,10 @@ def main(argv:list|None=None) -> int:
         elif args.cmd == 'batch':
             run_batch(args.grid, jobs=args.jobs, out=args.out, timeout=args.timeout)
         elif args.cmd == 'fetch':
-            from nucbook.fetch import fetch
+            from nucbook.data.fetch import fetch
             print(f'dataset ready: {fetch(args.name, dest=args.dest, from_dir=args.from_dir)}')
         elif args.cmd == 'verify':
-            from nucbook.fetch import verify
+            from nucbook.data.fetch import verify
             print(json.dumps(verify(args.name, root=args.root), indent=2, default=str))
     except (RunError, ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

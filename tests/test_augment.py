@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, HealthCheck, strategies as st
 from scipy import ndimage as ndi
-from nucbook.augment import (Augmented, MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix, AUGMENTATIONS,
+from nucbook.augment.mix import (Augmented, MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix, AUGMENTATIONS,
                              as_transform, augment_set, load_augmented, blend, erase, mask_mix,
                              check_sample, get_augmentation, median_at)
-from nucbook.sample import (Sample, LabelError, make_sample, keep_largest_component, remove_small_instances,
+from nucbook.data.sample import (Sample, LabelError, make_sample, keep_largest_component, remove_small_instances,
                             types_from_type_map)
 
 SETTINGS = dict(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"Tests of nucbook.data: manifests, class maps, every native format (fixtures written here), bad input, real data."
+"Tests of nucbook.data.datasets: manifests, class maps, every native format (fixtures written here), bad input, real data."
 import csv, json, os
 from pathlib import Path
 import numpy as np
@@ -7,9 +7,9 @@ import scipy.io as sio
 import yaml, jsonschema
 from PIL import Image
 
-from nucbook import data as D
-from nucbook.data import load_dataset, load_manifest, list_datasets
-from nucbook.sample import LabelError, type_map_from_types
+from nucbook.data import datasets as D
+from nucbook.data.datasets import load_dataset, load_manifest, list_datasets
+from nucbook.data.sample import LabelError, type_map_from_types
 
 REAL = os.environ.get('NUCBOOK_DATA')
 needs_real = pytest.mark.skipif(not REAL or not Path(REAL).is_dir(), reason='NUCBOOK_DATA not set (real-data test)')
@@ -392,7 +392,7 @@ def test_generic_bad_label_maps(tmp_path):
         load_dataset('generic', 'nosplit', root=tmp_path / 'g')
 
 def test_synthetic_delegates_to_synth():
-    from nucbook.synth import synth_dataset
+    from nucbook.data.synth import synth_dataset
     a = load_dataset('synthetic', 'test', n=2, seed=5, size=48)
     b = synth_dataset(2, 'test', seed=5, size=48)
     assert [x.meta['image_id'] for x in a] == [x.meta['image_id'] for x in b]

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline
-from nucbook.diffusion import (cfg_combine, ddim_sample, ddim_scheduler, diffusion_loss, drop_labels, label_channels,
+from nucbook.engine.diffusion import (cfg_combine, ddim_sample, ddim_scheduler, diffusion_loss, drop_labels, label_channels,
                                load_diffusion, make_noise_scheduler, make_semantic_unet, make_unet, predict_eps,
                                random_patches, save_diffusion, train_diffusion)
-from nucbook.synth import synth_dataset
+from nucbook.data.synth import synth_dataset
 
 torch.set_num_threads(1)  # pytest -n 2 on 2 cores
 S = 32  # patch side of the test models

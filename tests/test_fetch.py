@@ -1,11 +1,11 @@
-"Tests of nucbook.fetch against a local HTTP server (127.0.0.1, port 0) serving a fixture archive."
+"Tests of nucbook.data.fetch against a local HTTP server (127.0.0.1, port 0) serving a fixture archive."
 import functools, hashlib, http.server, io, json, os, shutil, threading, zipfile
 from pathlib import Path
 import pytest
 import yaml
 
-from nucbook import fetch as F
-from nucbook.data import load_manifest, manifest_dir, load_dataset, data_root
+from nucbook.data import fetch as F
+from nucbook.data.datasets import load_manifest, manifest_dir, load_dataset, data_root
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     "Serves files with `Range: bytes=N-` support; `drops` = number of connections to cut half way."

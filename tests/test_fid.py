@@ -1,14 +1,14 @@
-"""Tests of nucbook.fid: the Inception-v3 architecture with random weights (saved and loaded back, hash checks),
+"""Tests of nucbook.eval.fid: the Inception-v3 architecture with random weights (saved and loaded back, hash checks),
 the offline random features, and FID/KID through torchmetrics."""
 import warnings
 import numpy as np
 import pytest
 import torch
 
-from nucbook import fid as FM
-from nucbook.fid import (FIDInceptionV3, RandomConvFeatures, load_fid_inception, file_sha256, resize_bilinear_tf1,
+from nucbook.eval import fid as FM
+from nucbook.eval.fid import (FIDInceptionV3, RandomConvFeatures, load_fid_inception, file_sha256, resize_bilinear_tf1,
                          default_extractor, image_batches, fid, kid)
-from nucbook.sample import Sample
+from nucbook.data.sample import Sample
 
 
 def test_tf1_resize_by_hand():

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from skimage.draw import disk
-from nucbook.hovernet import (HoVerNet, HOVERNET_SIZES, dice_loss, hovernet_loss, hovernet_postprocess, hv_gradients,
+from nucbook.models.hovernet import (HoVerNet, HOVERNET_SIZES, dice_loss, hovernet_loss, hovernet_postprocess, hv_gradients,
                               hv_targets, load_encoder_weights, msge_loss, sobel_kernels)
-from nucbook.sample import type_map_from_types
+from nucbook.data.sample import type_map_from_types
 
 
 def test_model_shapes_and_sizes():

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from nucbook.hovernet import HoVerNet
-from nucbook.infer import predict_maps, predict_sample, window_owner, window_starts, evaluate_model
-from nucbook.sample import Sample
-from nucbook.synth import synth_tile
+from nucbook.models.hovernet import HoVerNet
+from nucbook.engine.infer import predict_maps, predict_sample, window_owner, window_starts, evaluate_model
+from nucbook.data.sample import Sample
+from nucbook.data.synth import synth_tile
 
 
 class Pointwise(torch.nn.Module):

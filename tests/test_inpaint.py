@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from nucbook.diffusion import make_noise_scheduler, make_semantic_unet, make_unet, to_model_range
-from nucbook.inpaint import inpaint_image, mcg_inpaint, repaint
-from nucbook.synth import synth_tile
+from nucbook.engine.diffusion import make_noise_scheduler, make_semantic_unet, make_unet, to_model_range
+from nucbook.engine.inpaint import inpaint_image, mcg_inpaint, repaint
+from nucbook.data.synth import synth_tile
 
 torch.set_num_threads(1)
 S = 16

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from nucbook.sample import Sample, make_sample
-from nucbook.synth import synth_dataset
-from nucbook.augment import as_transform, augment_set, load_augmented
-from nucbook.insmix import (InstanceBank, f_scale, f_shape, f_dis, ssd_satisfied, ssd_copy_paste, pasted_mask,
+from nucbook.data.sample import Sample, make_sample
+from nucbook.data.synth import synth_dataset
+from nucbook.augment.mix import as_transform, augment_set, load_augmented
+from nucbook.methods.insmix import (InstanceBank, f_scale, f_shape, f_dis, ssd_satisfied, ssd_copy_paste, pasted_mask,
                             background_perturbation, foreground_similarity, SmoothGenerator, PatchDiscriminator,
                             GatedConv2d, composite, l1_distance, triplet_loss_D, adversarial_loss_G, generator_loss,
                             train_smooth_gan, load_generator, smooth, InsMix, SSD_DEFAULTS)
@@ -292,8 +292,8 @@ def test_smoke_notebook_runs(tmp_path):
 @pytest.mark.realdata
 def test_kumar_training_split_augments(data_root, monkeypatch):
     monkeypatch.setenv('NUCBOOK_DATA', str(data_root))
-    from nucbook.data import load_dataset
-    from nucbook.train import random_crop
+    from nucbook.data.datasets import load_dataset
+    from nucbook.data.crops import random_crop
     train = load_dataset('kumar', 'train')
     assert len(train) == 16
     bank = InstanceBank.from_samples(train)

@@ -1,4 +1,4 @@
-"""Tests of nucbook.metrics: hand-computed values, edge cases, symmetry, and agreement with a straightforward
+"""Tests of nucbook.eval.metrics: hand-computed values, edge cases, symmetry, and agreement with a straightforward
 per-instance implementation of HoVer-Net's definitions written here."""
 import numpy as np
 import pytest
@@ -6,11 +6,11 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from hypothesis.extra.numpy import arrays
 from scipy.optimize import linear_sum_assignment
 
-from nucbook import metrics as M
-from nucbook.metrics import (dice1, dice2, aji, aji_plus, pq, object_f1, pixel_f1, instance_metrics, overlaps,
+from nucbook.eval import metrics as M
+from nucbook.eval.metrics import (dice1, dice2, aji, aji_plus, pq, object_f1, pixel_f1, instance_metrics, overlaps,
                              classification_stats, pair_centroids, class_pq_counts, class_pq, pooled_class_pq,
                              evaluate, remap_ids)
-from nucbook.sample import Sample, LabelError, make_sample, instance_centroids
+from nucbook.data.sample import Sample, LabelError, make_sample, instance_centroids
 
 
 # ---------------------------------------------------------------- per-instance reference (one mask per instance)

@@ -1,12 +1,12 @@
-"Tests of nucbook.patches: cropping, mirror padding, random / sliding-window patches, NucleiDataset."
+"Tests of nucbook.data.crops: cropping, mirror padding, random / sliding-window patches, NucleiDataset."
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from nucbook.patches import crop_sample, pad_sample, random_patches, sliding_window_patches, window_starts, NucleiDataset
-from nucbook.sample import Sample, type_map_from_types
-from nucbook.synth import synth_tile
+from nucbook.data.crops import crop_sample, pad_sample, random_patches, sliding_window_patches, window_starts, NucleiDataset
+from nucbook.data.sample import Sample, type_map_from_types
+from nucbook.data.synth import synth_tile
 
 def hand_sample():
     inst = np.zeros((10, 10), np.int32); inst[0:3, 0:3] = 1; inst[4:9, 4:9] = 2; inst[8:10, 0:1] = 3

@@ -46,7 +46,7 @@ def test_import_touches_no_gpu_or_network():
     code = ("import sys, socket\n"
             "def _no(*a, **k): raise RuntimeError('network used at import')\n"
             "socket.socket.connect = _no\n"
-            "import nucbook, nucbook.core, nucbook.sample, nucbook.synth, nucbook.cli\n"
+            "import nucbook, nucbook.core, nucbook.data.sample, nucbook.data.synth, nucbook.cli\n"
             "import importlib, pkgutil\n"
             "for m in pkgutil.iter_modules(nucbook.__path__):\n"
             "    importlib.import_module('nucbook.' + m.name)\n"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from scipy import ndimage as ndi
-from nucbook.sample import (LabelError, keep_largest_component, make_sample, remove_small_instances, to_inst_map,
+from nucbook.data.sample import (LabelError, keep_largest_component, make_sample, remove_small_instances, to_inst_map,
                             types_from_type_map, type_map_from_types)
 
 

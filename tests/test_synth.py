@@ -1,7 +1,7 @@
 "Synthetic H&E generator: determinism, label invariants, rare-type share."
 import numpy as np
 import pytest
-from nucbook.synth import synth_tile, synth_dataset, RARE_TYPE
+from nucbook.data.synth import synth_tile, synth_dataset, RARE_TYPE
 
 
 @pytest.mark.parametrize('seed', [0, 1, 7, 123])

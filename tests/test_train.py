@@ -5,16 +5,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nucbook.train import TrainConfig, epoch_batches, load_checkpoint, lr_curve, INSMIX_SCHEDULE, NUCLEIMIX_SCHEDULE
+from nucbook.engine.train import TrainConfig, epoch_batches, load_checkpoint, lr_curve, INSMIX_SCHEDULE, NUCLEIMIX_SCHEDULE
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'NO_ALBUMENTATIONS_UPDATE': '1', 'MPLBACKEND': 'Agg'}
 
 RUN = textwrap.dedent('''
     import os, signal, sys, torch
-    from nucbook.hovernet import HoVerNet
-    from nucbook.train import fit
-    from nucbook.synth import synth_dataset
+    from nucbook.models.hovernet import HoVerNet
+    from nucbook.engine.train import fit
+    from nucbook.data.synth import synth_dataset
     from nucbook.core import seed_everything
     out, kill_at = sys.argv[1], int(sys.argv[2])
     def killer(t):
@@ -66,9 +66,9 @@ def test_killed_run_resumes_to_identical_state(tmp_path):
 
 DDP = textwrap.dedent('''
     import os, sys, torch
-    from nucbook.hovernet import HoVerNet
-    from nucbook.train import fit
-    from nucbook.synth import synth_dataset
+    from nucbook.models.hovernet import HoVerNet
+    from nucbook.engine.train import fit
+    from nucbook.data.synth import synth_dataset
     out = sys.argv[1]
     torch.manual_seed(0)
     tr = fit(HoVerNet('tiny'), synth_dataset(4, 'train', seed=0, size=96), None, out, epochs=2, batch_size=2,

@@ -1,0 +1,2 @@
+"Layer 2: the augmentation interface, the composition canvas every pasting method uses, the instance bank, mixes."
+from .mix import *

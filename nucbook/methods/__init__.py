@@ -1,0 +1,1 @@
+"Layer 5: one module per paper. A method never imports another method; nothing in the library imports a method."

@@ -1,0 +1,1 @@
+"Layer 3: network architectures (HoVer-Net, diffusion UNets)."
