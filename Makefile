@@ -10,12 +10,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: venv demo test check-sync nbtest pytest export clean-nbs docs bench outputs help
+.PHONY: venv demo test check-sync nbtest pytest export clean-nbs docs bench outputs gpu-check help
 help:
 	@echo "make demo   run the main notebook (CPU smoke profile, synthetic data) into runs/"
 	@echo "make test   check notebooks/library are in sync and clean, run notebook tests and pytest"
 	@echo "make export regenerate nucbook/ from nbs/ and clean the notebooks"
 	@echo "make bench  run the benchmark scripts (figures printed)"
+	@echo "make gpu-check  on a GPU (H100/H200, < 8 min): paper-size train steps and samplers, speed, memory, TFLOP/s, GPU-vs-CPU checks"
 	@echo "make outputs re-run the walkthrough and paper notebooks (smoke) and store their outputs for the site"
 
 # (Re)create .venv when it is missing or pyproject.toml (the pins) changed since it was built.
@@ -51,11 +52,14 @@ pytest: venv
 test: check-sync nbtest pytest
 
 bench: venv
-	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+	@for f in $$(ls benchmarks/*.py | grep -v gpu_check.py); do echo "== $$f"; $(BIN)/python $$f; done
 
 # Refresh the stored outputs (figures, tables) of the walkthrough and paper notebooks from their smoke runs.
 outputs: venv
 	$(BIN)/python tools/store_outputs.py
+
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py
 
 docs: venv
 	@command -v quarto >/dev/null || { echo "Quarto is not installed (see README: Docs)"; exit 1; }

@@ -15,7 +15,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import numpy as np
 import torch
 from nucbook.engine.diffusion import (ddim_sample, diffusion_loss, load_diffusion, make_noise_scheduler, make_semantic_unet,
-                               make_unet, patch_fid_kid, random_patches, train_diffusion)
+                               make_unet, patch_fid_kid, patch_batch, train_diffusion)
 from nucbook.engine.inpaint import mcg_inpaint
 from nucbook.data.synth import synth_dataset
 
@@ -80,9 +80,9 @@ def speed_table(device, size_name, size, batch, n_sample, n_iter):
 
 def fid_curve(model, sched, n_fid, seed=0):
     size = model.config.sample_size
-    real, _ = random_patches(synth_dataset(16, 'val', seed=seed), n_fid, size, 12345)
+    real, _ = patch_batch(synth_dataset(16, 'val', seed=seed), n_fid, size, 12345)
     print(f'\n== FID vs sampling steps ({n_fid} samples vs {n_fid} held-out real {size}x{size} patches, eta=0, same seeds)')
-    other, _ = random_patches(synth_dataset(16, 'val', seed=seed), n_fid, size, 54321)
+    other, _ = patch_batch(synth_dataset(16, 'val', seed=seed), n_fid, size, 54321)
     r = patch_fid_kid(real, other)
     print(f'real vs other real patches: FID {r["fid"]:9.4f}  KID {r["kid"]:8.5f}  (the floor)')
     fids = {}

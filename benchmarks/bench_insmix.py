@@ -8,7 +8,8 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 import numpy as np
 import torch
 from nucbook.data.synth import synth_dataset
-from nucbook.methods.insmix import (InstanceBank, InsMix, SmoothGenerator, PatchDiscriminator, ssd_copy_paste,
+from nucbook.augment.canvas import InstanceBank
+from nucbook.methods.insmix import (InsMix, SmoothGenerator, PatchDiscriminator, ssd_copy_paste,
                             background_perturbation, gan_batch, composite, triplet_loss_D, generator_loss, pasted_mask)
 
 QUICK = '--quick' in sys.argv

@@ -1,7 +1,8 @@
 """Segmenter speed: training throughput (256x256 images/s) and sliding-window inference time per 1000x1000 tile.
 
 CPU: every model size asked for, fp32, channels-first vs channels-last side by side, plus the whole trainer (data
-pipeline included) for the first size. GPU (when CUDA is available): fp32 vs bf16 autocast + channels-last, optionally
+pipeline included) and the size and time of one checkpoint of the resumable loop (weights + Adam state, atomic
+write) for the first size. GPU (when CUDA is available): fp32 vs bf16 autocast + channels-last, optionally
 torch.compile, with achieved FLOP/s (FLOPs counted by torch.utils.flop_counter) against the device's peak and the peak
 memory. Usage: python benchmarks/bench_segmenter.py [--sizes tiny small] [--steps 3] [--threads 2] [--compile]
 """
@@ -13,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nucbook.models.hovernet import HoVerNet, hovernet_loss, hovernet_targets
 from nucbook.engine.infer import predict_maps
 from nucbook.data.synth import synth_dataset, synth_tile
-from nucbook.engine.train import Trainer, TrainConfig
+from nucbook.engine.train import Trainer, TrainConfig, make_optimizer
+from nucbook.engine.loop import ResumableLoop
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common GPUs, for the utilisation figure
 PEAK_BF16_TFLOPS = {'H100 SXM': 989, 'H100 PCIe': 756, 'H100': 989, 'H200': 989, 'A100': 312, 'L40S': 362, 'A10': 125,
@@ -61,6 +63,19 @@ def trainer_speed(size, bs, steps, threads):
     return tr.history[-1]['images_per_s']
 
 
+def checkpoint_cost(size):
+    "(MB, seconds) of one `ResumableLoop` checkpoint of a `size` HoVer-Net with its Adam and scheduler state."
+    model = HoVerNet(size, n_types=4); cfg = TrainConfig()
+    opt, sched = make_optimizer(model, cfg, 1)
+    for p in model.parameters(): p.grad = torch.zeros_like(p)
+    opt.step()  # creates Adam's moment buffers
+    with tempfile.TemporaryDirectory() as d:
+        loop = ResumableLoop(os.path.join(d, 'last.pt'), {'model': model, 'optimizer': opt, 'scheduler': sched},
+                             {'size': size}, 1, lambda step: {}, progress=False)
+        t0 = time.perf_counter(); loop.save(); dt = time.perf_counter() - t0
+        return os.path.getsize(os.path.join(d, 'last.pt')) / 2**20, dt
+
+
 def infer_time(size, device, channels_last, amp, bs=8, repeats=1):
     "Seconds per 1000x1000 tile (256 windows overlapping by 64)."
     model = HoVerNet(size, n_types=4).to(device).eval()
@@ -95,6 +110,8 @@ def main():
     size0 = (a.sizes or ['tiny'])[0]
     print(f'{size0:6s} whole trainer (crops, augmentation, targets, step; channels-last): '
           f'{trainer_speed(size0, a.batch, a.steps, a.threads):.2f} img/s')
+    mb, sec = checkpoint_cost(size0)
+    print(f'{size0:6s} one checkpoint (weights + Adam state, fsync + rename): {mb:.1f} MB in {sec:.2f} s')
     if not torch.cuda.is_available():
         print('== GPU: none available (CUDA not found); GPU figures skipped'); return
     gpu = torch.device('cuda'); name = torch.cuda.get_device_name()

@@ -7,17 +7,18 @@ Docs: https://nucbook.github.io/nucbook/cli.html.md"""
 
 # %% ../nbs/00a_cli.ipynb #c2983f26
 from __future__ import annotations
-import argparse, ast, hashlib, itertools, json, os, re, subprocess, sys, time
+import argparse, ast, hashlib, itertools, json, os, re, subprocess, sys, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 import yaml
-from .core import (RUN_DIR_ENV, atomic_write_json, atomic_write_text, environment_info, git_commit,
+from .core import (PROFILES, RUN_DIR_ENV, atomic_write_json, atomic_write_text, environment_info, git_commit,
                           new_run_dir)
 
 # %% auto #0
-__all__ = ['RunError', 'project_root', 'find_notebook', 'parse_value', 'notebook_parameters', 'check_parameters', 'run_notebook',
-           'load_grid', 'run_name', 'run_is_done', 'gather_results', 'run_batch', 'main']
+__all__ = ['RunError', 'project_root', 'find_notebook', 'parse_value', 'notebook_parameters', 'check_parameters',
+           'absolute_paths', 'run_notebook', 'load_grid', 'run_name', 'run_is_done', 'gather_results', 'run_batch',
+           'main']
 
 # %% ../nbs/00a_cli.ipynb #71a34ebb
 class RunError(Exception):
@@ -63,21 +64,46 @@ def parse_value(text:str):
         except yaml.YAMLError as e: raise RunError(f'cannot read parameter value {text!r}: {e}') from None
     return text
 
+class _Expr(str):
+    "A default written as an expression (e.g. `np.arange(3)`), kept as its source: its type is not known."
+
 def notebook_parameters(path:str|Path) -> dict:
     "The parameters the notebook's `parameters` cell defines: {name: default value as written}."
     import papermill as pm
     def _value(src):
         try: return ast.literal_eval(src)
-        except (ValueError, SyntaxError): return src  # an expression: kept as written
+        except (ValueError, SyntaxError): return _Expr(src)  # an expression: kept as written
     return {k: _value(v['default']) for k, v in pm.inspect_notebook(str(path)).items()}
 
+def _allowed_types(default) -> tuple|None:
+    "The types a value may have to replace `default` (None: anything)."
+    if default is None or isinstance(default, _Expr): return None
+    if isinstance(default, bool): return (bool,)
+    if isinstance(default, int): return (int,)
+    if isinstance(default, float): return (int, float)
+    if isinstance(default, (list, tuple)): return (list, tuple)
+    return (type(default),)
+
+def _type_problem(nb:str, name:str, value, default) -> str|None:
+    "Why `value` cannot replace `default` of parameter `name` (None if it can)."
+    types = _allowed_types(default)
+    if types is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)): return None
+    want = ' or '.join(t.__name__ for t in types)
+    hint = f" (quote it to pass text: -p {name} '\"{value}\"')" if types == (str,) and not isinstance(value, (list, dict)) else ''
+    return (f'{nb}: parameter {name!r} was given {value!r} of type {type(value).__name__}, expected {want} '
+            f'(its default is {default!r}){hint}')
+
 def check_parameters(path:str|Path, given:dict) -> dict:
-    "Defaults of the notebook updated with `given`; unknown names raise `RunError`."
-    defaults = notebook_parameters(path)
+    "Defaults of the notebook updated with `given`; unknown names, values of the wrong type and unknown profiles raise `RunError`."
+    defaults, nb = notebook_parameters(path), Path(path).name
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise RunError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for {Path(path).name}; "
+        raise RunError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for {nb}; "
                        f"its parameters are: {', '.join(defaults) or 'none (no cell tagged parameters)'}")
+    problems = [p for k, v in given.items() if (p := _type_problem(nb, k, v, defaults[k]))]
+    if 'profile' in given and given['profile'] not in PROFILES:
+        problems.append(f"{nb}: profile {given['profile']!r} is not one of {', '.join(PROFILES)} (nucbook.core.PROFILES)")
+    if problems: raise RunError('\n'.join(problems))
     return {**defaults, **given}
 
 # %% ../nbs/00a_cli.ipynb #1d72ccbd
@@ -85,10 +111,49 @@ def _tail_traceback(tb, n=15) -> str:
     lines = re.sub(r'\x1b\[[0-9;]*m', '', '\n'.join(tb)).splitlines()
     return '\n'.join(lines[-n:])
 
+def _make_folder(d:Path, what:str='run folder') -> Path:
+    "Create folder `d` (and its parents), or raise `RunError` naming what is in the way."
+    for p in [d, *d.parents]:
+        if p.exists():
+            if not p.is_dir(): raise RunError(f'{p} is not a folder' + ('' if p == d else f' (it is in the path of the {what} {d})'))
+            break
+    try: d.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise RunError(f'{d}: cannot create the {what}: {e.strerror or e}') from None
+    return d
+
+def _first_line(src:str) -> str:
+    "The first line of a cell that says what it does (nbdev `#|` directives and blank lines skipped)."
+    lines = [l.strip() for l in src.splitlines() if l.strip()]
+    return next((l for l in lines if not l.startswith('#|')), lines[0] if lines else '')
+
+def _notebook_cell(path:Path, cell_index:int, injected:bool) -> int|None:
+    "Index in the notebook file of papermill's cell `cell_index` (None: the parameters cell papermill injected)."
+    if not injected: return cell_index
+    import nbformat
+    tags = [c.get('metadata', {}).get('tags', []) for c in nbformat.read(str(path), as_version=4).cells]
+    old = next((i for i, t in enumerate(tags) if 'injected-parameters' in t), None)
+    if old is not None: return None if cell_index == old else cell_index  # papermill replaced it in place
+    at = next((i + 1 for i, t in enumerate(tags) if 'parameters' in t), 0)  # inserted after the parameters cell
+    return None if cell_index == at else cell_index - (cell_index > at)
+
+def absolute_paths(
+    params:dict, # parameter values as given on the command line
+    cwd:str|Path|None=None, # folder relative paths are taken from (default: the current folder)
+) -> dict:
+    "String values that look like paths (contain a `/`, or start with `.` or `~`) and exist made absolute: notebooks run from `nbs/`."
+    base = Path(cwd or Path.cwd())
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, str) and ('/' in v or v.startswith(('.', '~'))) and not Path(v).expanduser().is_absolute():
+            p = (base/Path(v).expanduser()) if not v.startswith('~') else Path(v).expanduser()
+            if p.exists(): v = str(p.resolve())
+        out[k] = v
+    return out
+
 def run_notebook(
     notebook:str|Path, # path or name of a notebook in nbs/
     parameters:dict|None=None, # values injected into the parameters cell
-    profile:str|None=None, # sets the notebook's `profile` parameter ('smoke' or 'paper')
+    profile:str|None=None, # sets the notebook's `profile` parameter (one of `nucbook.core.PROFILES`)
     out:str|Path|None=None, # run folder (default: a new `runs/<notebook>-<timestamp>/`)
     runs_root:str|Path='runs', # parent of new run folders
     progress:bool=True, # show papermill's cell progress bar
@@ -97,11 +162,11 @@ def run_notebook(
     "Execute `notebook` with papermill into a run folder; return the folder, or raise `RunError`."
     import papermill as pm
     path = find_notebook(notebook)
-    given = dict(parameters or {})
+    given = absolute_paths(dict(parameters or {}))
     if profile is not None: given['profile'] = profile
     params = check_parameters(path, given)
-    run_dir = Path(out) if out else new_run_dir(runs_root, path.stem)
-    run_dir.mkdir(parents=True, exist_ok=True); run_dir = run_dir.resolve()
+    run_dir = _make_folder(Path(out)) if out else new_run_dir(_make_folder(Path(runs_root), 'folder of runs'), path.stem)
+    run_dir = run_dir.resolve()
     out_nb = run_dir/path.name
     record = dict(notebook=str(path), parameters=params, injected=given, profile=params.get('profile'),
                   seed=params.get('seed'), git=git_commit(path.parent), environment=environment_info(),
@@ -121,8 +186,11 @@ def run_notebook(
         pm.execute_notebook(str(path), str(out_nb), parameters=given, kernel_name='python3', progress_bar=progress,
                             cwd=str(path.parent), execution_timeout=timeout, log_output=False)
     except pm.PapermillExecutionError as e:
-        _finish('failed', error=f'{e.ename}: {e.evalue}', failed_cell=e.exec_count)
-        raise RunError(f'{path.name} failed in cell {e.exec_count} with {e.ename}: {e.evalue}\n'
+        idx, line = _notebook_cell(path, e.cell_index, bool(given)), _first_line(e.source or '')
+        where = (f'cell {idx} (counting all cells from 0): `{line}`' if idx is not None
+                 else 'the parameters cell papermill injected (a value of the wrong kind?)')
+        _finish('failed', error=f'{e.ename}: {e.evalue}', failed_cell=idx, failed_cell_source=line)
+        raise RunError(f'{path.name} failed in {where}\n{e.ename}: {e.evalue}\n'
                        f'{_tail_traceback(e.traceback)}\npartial output notebook: {out_nb}') from None
     except BaseException as e:
         _finish('failed', error=f'{type(e).__name__}: {e}')
@@ -213,8 +281,13 @@ def run_batch(
 ) -> 'pd.DataFrame':
     "Run every combination of a grid (skipping finished runs), then write and return `results.csv`."
     g = load_grid(grid_file)
-    out = Path(out or g['out']); out.mkdir(parents=True, exist_ok=True)
+    out = _make_folder(Path(out or g['out']), 'folder of the runs')
     todo = [r for r in g['runs'] if not run_is_done(out/r['name'])]
+    problems = []  # parameters are checked before any run starts
+    for r in todo:
+        try: check_parameters(find_notebook(r['notebook']), {**r['parameters'], **({'profile': g['profile']} if g['profile'] else {})})
+        except RunError as e: problems.append(f"{r['name']}: {e}")
+    if problems: raise RunError(f'{grid_file}: {len(problems)} run(s) cannot start:\n' + '\n'.join(problems))
     log(f"{len(g['runs'])} runs in {out}: {len(g['runs']) - len(todo)} already done, {len(todo)} to run with {jobs} job(s)")
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
@@ -234,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('notebook', help='notebook path or name in nbs/ (number prefix optional)')
     r.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), default=[],
                    help='set a parameter (value read as YAML); repeatable')
-    r.add_argument('--profile', choices=['smoke', 'paper'], help="set the notebook's profile parameter")
+    r.add_argument('--profile', choices=PROFILES, help="set the notebook's profile parameter")
     r.add_argument('--out', help='run folder (default: runs/<notebook>-<timestamp>)')
     r.add_argument('--timeout', type=int, help='seconds allowed per cell')
     r.add_argument('--no-progress', action='store_true', help='hide the progress bar')
@@ -246,26 +319,37 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser('fetch', help='download a dataset listed in data_manifests/, verify and unpack it')
     f.add_argument('name'); f.add_argument('--dest', help='data root (default: $NUCBOOK_DATA, else a user cache folder)')
     f.add_argument('--from', dest='from_dir', help='register a copy you already have instead of downloading')
-    v = sub.add_parser('verify', help='check a fetched dataset against its manifest and lock file')
+    v = sub.add_parser('verify', help='check a fetched dataset against its manifest and lock file (exit 1 if it has no hash to check)')
     v.add_argument('name'); v.add_argument('--root', help='data root (default: $NUCBOOK_DATA, else the user cache folder)')
     return p
+
+def _command(args):
+    "Carry out one parsed command."
+    if args.cmd == 'run':
+        d = run_notebook(args.notebook, {k: parse_value(v) for k, v in args.param}, profile=args.profile,
+                         out=args.out, progress=not args.no_progress, timeout=args.timeout)
+        print(f'run folder: {d}')
+    elif args.cmd == 'batch':
+        run_batch(args.grid, jobs=args.jobs, out=args.out, timeout=args.timeout)
+    elif args.cmd == 'fetch':
+        from nucbook.data.fetch import fetch
+        print(f'dataset ready: {fetch(args.name, dest=args.dest, from_dir=args.from_dir)}')
+    elif args.cmd == 'verify':
+        from nucbook.data.fetch import verify
+        v = verify(args.name, root=args.root)
+        print(json.dumps(v, indent=2, default=str))
+        print(f"nucbook verify: {args.name}: {v['files_checked']} files checked ({v['files_checked_manifest']} against "
+              f"published checksums, {v['files_checked_lock']} against the lock file)"
+              f"{'; UNVERIFIED: see the warning above' if v['unverified'] else ''}", file=sys.stderr)
 
 def main(argv:list|None=None) -> int:
     "Entry point of the `nucbook` console script."
     args = _parser().parse_args(argv)
+    def _warn(message, category, *a, **k): print(f'nucbook {args.cmd}: warning: {message}', file=sys.stderr)
     try:
-        if args.cmd == 'run':
-            d = run_notebook(args.notebook, {k: parse_value(v) for k, v in args.param}, profile=args.profile,
-                             out=args.out, progress=not args.no_progress, timeout=args.timeout)
-            print(f'run folder: {d}')
-        elif args.cmd == 'batch':
-            run_batch(args.grid, jobs=args.jobs, out=args.out, timeout=args.timeout)
-        elif args.cmd == 'fetch':
-            from nucbook.data.fetch import fetch
-            print(f'dataset ready: {fetch(args.name, dest=args.dest, from_dir=args.from_dir)}')
-        elif args.cmd == 'verify':
-            from nucbook.data.fetch import verify
-            print(json.dumps(verify(args.name, root=args.root), indent=2, default=str))
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn  # one line per warning, e.g. a dataset whose hashes were never verified
+            _command(args)
     except (RunError, ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f'nucbook {args.cmd}: error: {msg}', file=sys.stderr)

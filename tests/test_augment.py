@@ -1,16 +1,18 @@
-"Invariants of every augmentation (property-based), exact hand-built cases, and errors on bad input."
+"""Invariants of every augmentation (property-based, on synthetic and on real crops), the occlusion rule, the record
+schema, exact hand-built cases, and errors on bad input."""
 import json
 from dataclasses import replace
+from functools import lru_cache
+from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings, HealthCheck, strategies as st
 from scipy import ndimage as ndi
-from nucbook.augment.mix import (Augmented, MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix, AUGMENTATIONS,
-                             as_transform, augment_set, load_augmented, blend, erase, mask_mix,
-                             check_sample, get_augmentation, median_at)
-from nucbook.data.sample import (Sample, LabelError, make_sample, keep_largest_component, remove_small_instances,
-                            types_from_type_map)
+from nucbook.augment.canvas import Augmented, check_record, largest_piece, unlabelled_nucleus_pixels, unaccounted_nuclei
+from nucbook.augment.mix import (MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix, AUGMENTATIONS,
+                             as_transform, augment_set, load_augmented, blend, erase, mask_mix, get_augmentation, median_at)
+from nucbook.data.sample import Sample, LabelError, check_sample, make_sample, types_from_type_map
 
 SETTINGS = dict(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -34,6 +36,27 @@ def make_aug(name):
 METHODS = sorted(AUGMENTATIONS) + ['copypaste_rare']
 TYPED_ONLY = {'gradmix', 'copypaste_rare'}
 
+def donor_views(inp:Sample, rec:dict, pool) -> list:
+    "The pixel-aligned donor images of a record (CutMix, CowMix, MixUp): what a pixel may show instead of the input."
+    out = []
+    for src in rec['sources'][1:]:
+        if 'crop_xy' in src:
+            (x0, y0), (h, w) = src['crop_xy'], inp.shape
+            out.append(pool[src['pool_index']].image[y0:y0 + h, x0:x0 + w])
+    return out
+
+def rule_violations(inp:Sample, out:Augmented, pool) -> list:
+    "Output nuclei that break the occlusion rule: cut, yet in several pieces or below min_area."
+    s, rec, bad = out.sample, out.record, []
+    for r in rec['instances']:
+        if not r['cut']: continue
+        src = rec['sources'][r['source']]
+        if 'crop_xy' in src:  # a donor cropped to the sample's size entered the canvas as its view: compare to that
+            (x0, y0), (h, w) = src['crop_xy'], inp.shape
+            if r['area'] == int((pool[src['pool_index']].inst_map[y0:y0 + h, x0:x0 + w] == r['source_id']).sum()): continue
+        if r['area'] < rec['min_area'] or largest_piece(s.inst_map == r['id']) != r['area']: bad.append(r)
+    return bad
+
 def check_invariants(inp:Sample, out:Augmented, pool, aug):
     s, rec = out.sample, out.record
     # image shape and dtype kept; labels valid
@@ -42,7 +65,11 @@ def check_invariants(inp:Sample, out:Augmented, pool, aug):
     area = check_sample(s); s.validate()
     n = s.n_instances
     assert set(np.unique(s.inst_map)) <= set(range(n + 1)) and (area[1:] > 0).all()  # contiguous 1..N
-    assert (area[1:] >= aug.min_area).all()
+    # the occlusion rule: no input-nucleus pixel that still shows is labelled background (MixUp's labels='sample'
+    # drops the donor's labels by design; the input's are all kept); cut nuclei are one piece of >= min_area
+    assert unlabelled_nucleus_pixels(inp, out, donor_views(inp, rec, pool))[0] == 0
+    assert rule_violations(inp, out, pool) == [] and unaccounted_nuclei(inp, rec) == []
+    check_record(rec)
     if inp.has_types:
         assert s.has_types and len(s.inst_types) == n
         assert (s.type_map[s.inst_map == 0] == 0).all()
@@ -66,7 +93,11 @@ def check_invariants(inp:Sample, out:Augmented, pool, aug):
         if r['op'] == 'mixed' and not r['cut']:  # donors are aligned (same size here)
             assert np.array_equal(s.inst_map == r['id'], src.inst_map == r['source_id'])
         if r['op'] in ('pasted', 'replaced'): assert r['source'] > 0 or aug.name == 'gradmix'
-    for d in rec['dropped']: assert 0 <= d['source'] < len(rec['sources']) and d['area'] < aug.min_area
+        if r['op'] == 'replaced': assert r['replaces'][0] == 0 and 1 <= r['replaces'][1] <= inp.n_instances
+    for d in rec['dropped']:  # covered entirely, or a remnant (pieces each below min_area) removed from view
+        assert 0 <= d['source'] < len(rec['sources']) and (d['area'] == 0) == (d['reason'] == 'covered')
+    kept_src = {(r['source'], r['source_id']) for r in rec['instances'] if r['op'] in ('kept', 'mixed')}
+    assert not any((d['source'], d['source_id']) in kept_src for d in rec['dropped'] if 'replaces' not in d)
     assert s.meta['augment'][-1] == rec
 
 @pytest.mark.parametrize('name', METHODS)
@@ -97,15 +128,23 @@ def test_batch_invariants(name, seed, aug_seed, k):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10 ** 6), min_area=st.integers(0, 30))
-def test_mask_mix_equals_reference_rules(seed, min_area):
-    "Label rules = largest visible piece, then minimum area, then renumbering in code order."
+def test_mask_mix_region_grows_only_over_what_the_rule_removes(seed, min_area):
+    "The donor region used contains the drawn mask; what it adds are pieces of the sample's nuclei or whole donor nuclei."
     a, b = random_sample(seed, (40, 40), n_max=20), random_sample(seed + 1, (40, 40), n_max=20)
     mask = np.random.default_rng(seed).random((40, 40)) < 0.5
     mask = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 3) > 0.5
-    code = np.where(mask, np.where(b.inst_map > 0, b.inst_map + a.n_instances, 0), a.inst_map).astype(np.int32)
-    expected = remove_small_instances(keep_largest_component(code), min_area)
-    got = mask_mix(a, b, mask, min_area=min_area)
-    assert np.array_equal(got.sample.inst_map, expected)
+    got = mask_mix(a, b, mask, min_area=min_area, pool_index=0)
+    check_invariants(a, got, [b], SimpleNamespace(name='cutmix', min_area=min_area))
+    lab = got.sample.inst_map; donor_ids = {r['id']: r['source_id'] for r in got.record['instances'] if r['source'] == 1}
+    sample_ids = {r['id']: r['source_id'] for r in got.record['instances'] if r['source'] == 0}
+    for i, sid in sample_ids.items(): assert not ((lab == i) & mask).any() and ((lab == i) <= (a.inst_map == sid)).all()
+    for i, sid in donor_ids.items(): assert ((lab == i) <= (b.inst_map == sid)).all()
+    grown = got.record['steps'][0]['grown_px']
+    assert grown >= 0 and got.record['steps'][0]['fraction'] == pytest.approx(mask.mean() + grown / mask.size)
+    # the region grew only over pieces of the sample's nuclei and over whole donor nuclei
+    whole = [sid for i, sid in donor_ids.items() if not got.record['instances'][i - 1]['cut']]
+    changed = ~mask & (got.sample.image != a.image).any(-1)
+    assert ((a.inst_map[changed] > 0) | np.isin(b.inst_map[changed], whole)).all()
 
 # ---- exact hand-built cases
 def hand_pair():
@@ -123,18 +162,22 @@ def test_cutout_known_box():
     assert np.array_equal(r.sample.inst_map, exp) and r.sample.inst_types.tolist() == [2, 3]
     assert (r.sample.image[box] == [1, 2, 3]).all() and (r.sample.image[~box] == 200).all()
     assert [(x['cut'], x['area']) for x in r.record['instances']] == [(True, 6), (False, 9)]
-    r = erase(a, box, min_area=7)  # the 6-pixel half is dropped, nucleus 2 renumbered 1
+    r = erase(a, box, min_area=7)  # the 6-pixel half is erased too (not left showing unlabelled), nucleus 2 renumbered 1
     assert r.sample.n_instances == 1 and r.sample.inst_types.tolist() == [3]
     assert r.record['dropped'] == [{'source': 0, 'source_id': 1, 'area': 6, 'reason': 'small'}]
+    assert (r.sample.image[1:3, 1:4] == 0).all() and r.record['steps'][0]['grown_px'] == 6
 
 def test_cutout_class_erases_its_recorded_box():
     s = random_sample(5, (64, 64))
     for seed in range(10):
-        r = CutOut(fill=0, min_area=1)(s, seed)
+        r = CutOut(fill=0, min_area=4)(s, seed)
         x0, y0, x1, y1 = r.record['params']['box']
         inside = np.zeros((64, 64), bool); inside[y0:y1, x0:x1] = True
-        assert (r.sample.image[inside] == 0).all() and np.array_equal(r.sample.image[~inside], s.image[~inside])
-        assert (r.sample.inst_map[inside] == 0).all()
+        assert (r.sample.image[inside] == 0).all() and (r.sample.inst_map[inside] == 0).all()
+        # outside the box only invalid pieces of cut nuclei are erased (the region grew over them)
+        changed = ~inside & (r.sample.image != s.image).any(-1)
+        assert (s.inst_map[changed] > 0).all() and (r.sample.image[changed] == 0).all()
+        assert int(changed.sum()) == r.record['steps'][0]['grown_px']
 
 def test_cutmix_hand_made():
     a, b = hand_pair()
@@ -164,7 +207,8 @@ def test_copypaste_hand_made():
     donor = make_sample(dimg, dm, inst_types={1: 1, 2: 3}, meta={'image_id': 'd'})
     r = CopyPaste(n_paste=(1, 1), scale=(1, 1), types=(1,), flip=False, min_area=1)(tgt, 0, [donor])
     assert r.sample.n_instances == 1 and r.sample.inst_types.tolist() == [1]
-    x0, y0 = r.record['params']['pastes'][0]['xy']
+    x0, y0 = r.record['steps'][0]['pastes'][0]['xy']
+    assert r.record['steps'][0]['pastes'][0]['id'] == 1
     exp = np.zeros((20, 20), np.int32); exp[y0:y0 + 4, x0:x0 + 4] = 1
     assert np.array_equal(r.sample.inst_map, exp)
     assert (r.sample.image[exp == 1] == (10, 20, 30)).all() and (r.sample.image[exp == 0] == 230).all()
@@ -190,7 +234,7 @@ def test_gradmix_hand_made():
     exp = np.zeros((64, 64), np.int32); exp[38:43, 38:43] = 1; exp[10:15, 10:15] = 2
     assert np.array_equal(r.sample.inst_map, exp) and r.sample.inst_types.tolist() == [1, 1]
     assert r.record['instances'][0]['centroid'] == [40.0, 40.0]
-    rp = r.record['params']['replacements']
+    rp = r.record['steps'][0]['replacements']
     assert len(rp) == 1 and rp[0]['id'] == 1 and rp[0]['source_id'] == 2 and rp[0]['centroid_before'] == [40.0, 40.0]
     # no rare nucleus of its own: the pool's one replaces the SMALLER of two major nuclei (ascending size order)
     inst2 = inst.copy(); inst2[inst2 == 2] = 0; inst2[(yy - 15) ** 2 + (xx - 15) ** 2 <= 100] = 2
@@ -239,7 +283,7 @@ def test_bad_input_raises_clear_errors():
         with pytest.raises(ValueError, match='needs a non-empty pool'): as_transform(get_augmentation(name))
     with pytest.raises(LabelError, match='smaller than the 32x32 sample'): CutMix()(s, 0, [random_sample(3, (20, 40))])
     untyped = random_sample(4, (32, 32), typed=False)
-    with pytest.raises(LabelError, match='cannot mix a typed sample with a untyped'): CowMix()(s, 0, [untyped])
+    with pytest.raises(LabelError, match='cannot mix a typed sample with an untyped one'): CowMix()(s, 0, [untyped])
     with pytest.raises(LabelError, match='GradMix needs typed'): GradMix()(untyped, 0)
     with pytest.raises(LabelError, match='needs a typed sample'): CopyPaste(types=(1,))(untyped, 0, [s])
     with pytest.raises(LabelError, match='disagrees'): CutOut()(replace(s, type_map=s.type_map * 0 + 1), 0)
@@ -256,3 +300,48 @@ def test_larger_donor_is_cropped():
     for row in r.record['instances']:
         if row['op'] == 'mixed' and not row['cut']:
             assert np.array_equal(r.sample.inst_map == row['id'], big.inst_map[y0:y0 + 32, x0:x0 + 32] == row['source_id'])
+
+
+# ---- the occlusion rule, the record schema, typed/untyped, on real crops
+@pytest.mark.parametrize('name', METHODS)
+def test_record_schema(name):
+    inp = random_sample(7, (48, 48)); pool = [random_sample(8 + k, (48, 48)) for k in range(3)]
+    rec = make_aug(name)(inp, 0, pool).record
+    check_record(rec)
+    assert list(rec)[:7] == ['method', 'params', 'min_area', 'sources', 'instances', 'dropped', 'steps']
+    assert rec['sources'][0]['role'] == 'sample' and all(s['role'] == 'donor' for s in rec['sources'][1:])
+    for r in rec['instances']: assert r['op'] in ('kept', 'mixed', 'pasted', 'replaced') and len(r['box']) == 4
+    if name.startswith('gradmix'): assert all('centroid' in r for r in rec['instances'])
+
+@pytest.mark.parametrize('name', ['mixup', 'cutmix', 'cowmix', 'copypaste'])
+def test_typed_and_untyped_never_mix(name):
+    typed, untyped = random_sample(1, (32, 32)), random_sample(2, (32, 32), typed=False)
+    aug = get_augmentation(name)
+    with pytest.raises(LabelError, match=r'pool\[0\].*cannot mix a typed sample with an untyped one'): aug(typed, 0, [untyped])
+    with pytest.raises(LabelError, match='cannot mix an untyped sample with a typed one'): aug(untyped, 0, [typed])
+
+@lru_cache(maxsize=None)
+def real_sets(root:str):
+    "A slice of the CoNSeP training tiles (typed, 256 x 256) and of the Kumar training images (untyped, 1000 x 1000)."
+    from nucbook.data.datasets import load_dataset
+    return load_dataset('consep_tiles', 'train', root=root, limit=48), load_dataset('kumar', 'train', root=root, limit=4)
+
+REAL = [('copypaste', 'consep'), ('copypaste', 'kumar'), ('cutmix', 'consep'), ('cutmix', 'kumar'), ('gradmix', 'consep'),
+        ('cowmix', 'kumar'), ('cutout', 'kumar'), ('cowout', 'consep')]
+
+@pytest.mark.realdata
+@pytest.mark.parametrize('name,data', REAL)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(seed=st.integers(0, 2 ** 31))
+def test_occlusion_invariant_on_real_crops(data_root, name, data, seed):
+    "Random 256 x 256 crops: no input-nucleus pixel that still shows is labelled background; cut nuclei are valid."
+    from nucbook.data.crops import random_crop
+    consep, kumar = real_sets(str(data_root))
+    pool = consep if data == 'consep' else kumar
+    rng = np.random.default_rng(seed)
+    inp = random_crop(pool[int(rng.integers(len(pool)))], 256, rng)
+    out = get_augmentation(name)(inp, rng, pool)
+    errors, shown = unlabelled_nucleus_pixels(inp, out, donor_views(inp, out.record, pool))
+    assert shown > 0 and errors == 0, (errors, shown)
+    assert rule_violations(inp, out, pool) == [] and unaccounted_nuclei(inp, out.record) == []
+    check_record(out.record)

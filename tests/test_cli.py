@@ -118,3 +118,100 @@ def test_verify_real_dataset(data_root):
     p = subprocess.run(NUCBOOK + ['verify', 'monuseg2018', '--root', str(data_root)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)['dataset'] == 'monuseg2018'
+
+
+def test_parameter_types_are_checked_before_a_kernel_starts(square_nb, tmp_path):
+    "x's default is 2: a string or a bool is refused at once, naming the notebook, parameter, value, its type and the expected type."
+    for value, shown in [('abc', "'abc' of type str"), ('true', 'True of type bool'), ('2.5', '2.5 of type float')]:
+        p = subprocess.run(NUCBOOK + ['run', str(square_nb), '-p', 'x', value, '--out', str(tmp_path/'r'), '--no-progress'],
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and 'Traceback' not in p.stderr
+        assert f"01_square.ipynb: parameter 'x' was given {shown}, expected int (its default is 2)" in p.stderr, p.stderr
+        assert not (tmp_path/'r').exists()  # nothing ran
+    with pytest.raises(RunError, match=r"parameter 'label' was given 3 of type int, expected str .*quote it"):
+        run_notebook(square_nb, {'label': 3}, out=tmp_path/'r', progress=False)
+    d = run_notebook(square_nb, {'x': 3, 'seed': 1, 'label': 'b'}, out=tmp_path/'ok', progress=False)
+    assert json.loads((d/'metrics.json').read_text())['square'] == 9
+
+
+def test_profile_names_are_checked_for_every_notebook(square_nb, tmp_path):
+    "The square notebook itself would accept any profile; `nucbook run` accepts only nucbook.core.PROFILES."
+    p = subprocess.run(NUCBOOK + ['run', str(square_nb), '-p', 'profile', 'fast', '--out', str(tmp_path/'r')],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "01_square.ipynb: profile 'fast' is not one of smoke, paper" in p.stderr, p.stderr
+    assert not (tmp_path/'r').exists()
+    with pytest.raises(RunError, match="profile 'full' is not one of smoke, paper"):
+        run_notebook(square_nb, profile='full', out=tmp_path/'r', progress=False)
+    p = subprocess.run(NUCBOOK + ['run', str(square_nb), '--profile', 'fast'], capture_output=True, text=True)
+    assert p.returncode == 2 and "invalid choice: 'fast' (choose from 'smoke', 'paper')" in p.stderr
+
+
+def test_failing_cell_is_named_as_the_notebook_counts_it(tmp_path):
+    "Markdown cells count, papermill's injected cell does not; the message shows the cell's first line."
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell('n = 3'); p.metadata['tags'] = ['parameters']
+    nb.cells = [nbformat.v4.new_markdown_cell('# A notebook'), nbformat.v4.new_code_cell('import os'),
+                nbformat.v4.new_markdown_cell('## Parameters'), p, nbformat.v4.new_markdown_cell('## Work'),
+                nbformat.v4.new_code_cell('y = n + 1'),
+                nbformat.v4.new_code_cell("# check the input\nassert n < 2, f'n too large: {n}'")]
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'python3', 'language': 'python'}
+    nbformat.write(nb, str(tmp_path/'cells.ipynb'))
+    for extra, out in [([], 'a'), (['-p', 'n', '5'], 'b')]:  # without and with an injected parameters cell
+        p = subprocess.run(NUCBOOK + ['run', str(tmp_path/'cells.ipynb'), '--out', str(tmp_path/out), '--no-progress', *extra],
+                           capture_output=True, text=True)
+        assert p.returncode == 1
+        assert 'cells.ipynb failed in cell 6 (counting all cells from 0): `# check the input`' in p.stderr, p.stderr
+        assert 'AssertionError: n too large' in p.stderr
+        rec = json.loads((tmp_path/out/'params.json').read_text())
+        assert rec['failed_cell'] == 6 and rec['failed_cell_source'] == '# check the input'
+
+
+def test_out_naming_an_existing_file_is_not_a_folder(square_nb, tmp_path):
+    f = tmp_path/'results.txt'; f.write_text('not a folder')
+    p = subprocess.run(NUCBOOK + ['run', str(square_nb), '--out', str(f), '--no-progress'], capture_output=True, text=True)
+    assert p.returncode == 1 and f'nucbook run: error: {f} is not a folder' in p.stderr and 'File exists' not in p.stderr
+    with pytest.raises(RunError, match=f'{f} is not a folder'):
+        run_notebook(square_nb, out=f/'sub', progress=False)
+    assert f.read_text() == 'not a folder'
+
+
+def test_batch_checks_every_run_before_starting_any(square_nb, tmp_path):
+    grid = tmp_path/'grid.yaml'
+    grid.write_text(f"notebook: {square_nb}\nout: {tmp_path/'b'}\ngrid:\n  x: [1, abc]\n")
+    with pytest.raises(RunError, match=r"1 run\(s\) cannot start:\n01_square-x=abc: 01_square.ipynb: parameter 'x' was given 'abc'"):
+        run_batch(grid, log=lambda *a: None)
+    assert list((tmp_path/'b').iterdir()) == []  # not even the valid run started
+
+
+def _toy_dataset(tmp_path):
+    "A manifest 'toy' without published checksums (env for a subprocess) and a copy of it put in place by hand."
+    import shutil, yaml
+    from nucbook.data.datasets import manifest_dir
+    mdir = tmp_path/'manifests'; (mdir/'checksums').mkdir(parents=True)
+    shutil.copy(manifest_dir()/'schema.json', mdir)
+    man = {'name': 'toy', 'title': 'toy data', 'citation': 'a test fixture, no citation', 'licence': 'CC0',
+           'homepage': 'http://127.0.0.1/', 'loader': 'generic', 'dirs': ['toy'], 'open_splits': True,
+           'download': [{'url': 'http://127.0.0.1:9/toy.zip', 'filename': 'toy.zip', 'size': None, 'sha256': None, 'extract': True}],
+           'layout': {'description': 'images/ + labels/', 'markers': ['images/*'], 'expect': [{'images/*': 1, 'labels/*': 1}]},
+           'splits': {'all': {'description': 'everything'}}, 'classes': None}
+    (mdir/'toy.yaml').write_text(yaml.safe_dump(man))
+    root = tmp_path/'root'
+    for f in ('images/a.png', 'labels/a.png'): (root/'toy'/f).parent.mkdir(parents=True, exist_ok=True); (root/'toy'/f).write_bytes(b'x')
+    import os
+    return root, {**os.environ, 'NUCBOOK_MANIFESTS': str(mdir), 'NUCBOOK_CACHE': str(tmp_path/'cache')}
+
+
+def test_verify_with_nothing_to_check_fails_and_says_how_many_files(tmp_path):
+    "No published checksums and no lock: 0 files checked is an error (exit 1), not a pass; a registered copy says its count."
+    root, env = _toy_dataset(tmp_path)
+    p = subprocess.run(NUCBOOK + ['verify', 'toy', '--root', str(root)], capture_output=True, text=True, env=env)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert 'nothing to verify for toy: 0 files checked' in p.stderr and f'nucbook fetch toy --from {root/"toy"}' in p.stderr
+    p = subprocess.run(NUCBOOK + ['fetch', 'toy', '--dest', str(root), '--from', str(root/'toy')], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(NUCBOOK + ['verify', 'toy', '--root', str(root)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)['files_checked'] == 2
+    assert 'nucbook verify: toy: 2 files checked (0 against published checksums, 2 against the lock file)' in p.stderr
+    assert 'nucbook verify: warning: toy: 2 of the 2 files checked were compared only with hashes recorded' in p.stderr

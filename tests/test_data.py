@@ -458,3 +458,200 @@ def test_real_dsb2018_stage1_test():
     case = rle[0].meta['image_id'] # masks and RLE describe the same nuclei
     m = D.dsb_mask_labels(base / 'stage1_test' / case / 'masks', rle[0].shape, cache=False)['inst_map']
     assert np.array_equal(m > 0, rle[0].inst_map > 0) and m.max() == rle[0].n_instances
+
+# ---------------------------------------------------------------- own data: any folder in the own-data layout
+
+def make_own(root, n=8, split=None, types=False, label_dtype=np.uint16, ext='png', yaml_text=None):
+    "n images with 16-bit instance maps (two nuclei each, ids 5 + k and 900) in [split/]images + labels."
+    d = root / split if split else root
+    rows = ['image_id,instance_id,type']
+    for k in range(n):
+        save(d / 'images' / f'im{k:02d}.png', img(16, 16, seed=k))
+        lab = np.zeros((16, 16), label_dtype); lab[1:5, 1:5] = 5 + k; lab[9:13, 8:14] = 900
+        if ext == 'npy': (d / 'labels').mkdir(parents=True, exist_ok=True); np.save(d / 'labels' / f'im{k:02d}.npy', lab)
+        elif ext == 'tif': (d / 'labels').mkdir(parents=True, exist_ok=True); Image.fromarray(lab).save(d / 'labels' / f'im{k:02d}.tif')
+        else: save(d / 'labels' / f'im{k:02d}.png', lab)
+        rows += [f'im{k:02d},{5 + k},2', f'im{k:02d},900,1']
+    if types: (d / 'types.csv').write_text('\n'.join(rows) + '\n')
+    if yaml_text is not None: (root / 'dataset.yaml').write_text(yaml_text)
+    return root
+
+def test_resolve_dataset_names_and_folders(tmp_path, monkeypatch):
+    assert D.resolve_dataset('synthetic') == ('synthetic', 'synthetic')
+    assert D.resolve_dataset('kumar') == ('manifest', 'kumar')
+    make_own(tmp_path / 'mine', 2)
+    assert D.resolve_dataset(tmp_path / 'mine') == ('folder', str((tmp_path / 'mine').resolve()))
+    monkeypatch.chdir(tmp_path)
+    assert D.resolve_dataset('mine') == ('folder', str((tmp_path / 'mine').resolve())) # a bare name that is a folder here
+    assert D.resolve_dataset('./mine')[1] == str((tmp_path / 'mine').resolve())
+    make_own(tmp_path / 'kumar', 2)
+    assert D.resolve_dataset('kumar') == ('manifest', 'kumar')            # a registered name wins...
+    assert D.resolve_dataset('./kumar')[0] == 'folder'                    # ...unless written as a path
+    with pytest.raises(KeyError, match="no manifest for dataset 'nope'"): D.resolve_dataset('nope')
+    with pytest.raises(ValueError, match="pass the folder's path"): D.resolve_dataset('generic')
+    with pytest.raises(FileNotFoundError, match='gone: dataset folder not found'): D.resolve_dataset('./gone')
+    (tmp_path / 'f.txt').write_text('x')
+    with pytest.raises(NotADirectoryError, match='f.txt: a dataset is a folder'): D.resolve_dataset('./f.txt')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match=r'empty/images: image folder not found'): D.resolve_dataset('./empty')
+
+def test_own_folder_with_split_folders(tmp_path):
+    for sp, n in (('train', 3), ('val', 1), ('test', 2)): make_own(tmp_path / 'd', n, split=sp)
+    s = D.load_own_folder(tmp_path / 'd')
+    assert {k: len(v) for k, v in s.items()} == {'test': 2, 'train': 3, 'val': 1}
+    assert {x.meta['split'] for x in s['val']} == {'val'} and {x.meta['split_method'] for x in s['train']} == {'folders'}
+    assert s['train'][0].n_instances == 2 and s['train'][0].meta['mpp'] is None and s['train'][0].meta['dataset'] == 'd'
+    assert D.split_summary(s)['train'] == {'images': 3, 'nuclei': 6, 'image_ids': ['im00', 'im01', 'im02']}
+    # images/ at the top and split folders at once is ambiguous
+    make_own(tmp_path / 'd', 1)
+    with pytest.raises(ValueError, match='has both images/ and split folders'): D.load_own_folder(tmp_path / 'd')
+
+def test_own_folder_seeded_split_is_reproducible_sorted_disjoint(tmp_path):
+    make_own(tmp_path / 'd', 10)
+    a = D.load_own_folder(tmp_path / 'd', test_share=0.25, val_share=0.2, seed=0)
+    ids = {k: [x.meta['image_id'] for x in v] for k, v in a.items()}
+    assert list(ids) == ['train', 'val', 'test']
+    assert {k: len(v) for k, v in ids.items()} == {'train': 5, 'val': 2, 'test': 3} # 2.5 -> 3 (half up), 2.0 -> 2
+    assert sorted(sum(ids.values(), [])) == [f'im{k:02d}' for k in range(10)]          # disjoint, complete
+    assert all(v == sorted(v) for v in ids.values())
+    assert ids == {'train': ['im00', 'im01', 'im05', 'im08', 'im09'], 'val': ['im03', 'im07'], 'test': ['im02', 'im04', 'im06']} # pinned
+    b = D.load_own_folder(tmp_path / 'd', test_share=0.25, val_share=0.2, seed=0)
+    assert ids == {k: [x.meta['image_id'] for x in v] for k, v in b.items()}
+    assert any(D.seeded_split(sum(ids.values(), []), 0.25, 0.2, s) != ids for s in (1, 2, 3))
+    assert {x.meta['split_method'] for x in a['test']} == {'seeded'} and {x.meta['split'] for x in a['test']} == {'test'}
+    assert set(D.load_own_folder(tmp_path / 'd')) == {'train', 'test'} # no val split unless asked for
+
+def test_seeded_split_rules():
+    names = [f'n{k}' for k in range(20)]
+    for n, share, want in ((12, 0.25, 3), (10, 0.25, 3), (6, 0.25, 2), (4, 0.1, 1), (2, 0.25, 1), (20, 0.33, 7)):
+        assert len(D.seeded_split(names[:n], share)['test']) == want, (n, share)
+    names = names[:12]
+    s = D.seeded_split(names, 0.25, 0.25, seed=4)
+    assert (len(s['train']), len(s['val']), len(s['test'])) == (6, 3, 3)
+    assert D.seeded_split(names[::-1], 0.25, 0.25, seed=4) == s       # sorted before shuffling: file order is irrelevant
+    assert D.seeded_split(names + names[:3], 0.25, 0.25, seed=4) == s  # duplicates collapse
+    with pytest.raises(ValueError, match='3 images cannot give 2 test and 1 validation'): D.seeded_split(names[:3], 0.5, 0.1)
+    with pytest.raises(ValueError, match=r'val_share must be in \[0, 1\)'): D.seeded_split(names, 0.2, -0.1)
+    assert D.seeded_split(names, 0.0) == {'train': sorted(names), 'test': []}
+
+def test_own_folder_types_csv(tmp_path):
+    make_own(tmp_path / 'd', 4, types=True)
+    s = D.load_own_folder(tmp_path / 'd', test_share=0.25)
+    x = s['train'][0]
+    assert x.has_types and x.inst_types.tolist() == [2, 1] # ids 5+k (type 2) and 900 (type 1), renumbered in id order
+    # split folders with one types.csv at the top: it serves every split
+    for sp in ('train', 'test'): make_own(tmp_path / 'e', 2, split=sp)
+    (tmp_path / 'd' / 'types.csv').rename(tmp_path / 'e' / 'types.csv')
+    with pytest.warns(UserWarning, match=r"types.csv: rows for 2 images that are not in any split folder .* \(line 6: 'im02', line 8: 'im03'\)"):
+        ok = D.load_own_folder(tmp_path / 'e') # the rows of the 4-image folder's im02, im03 are not used
+    assert all(y.has_types for y in ok['train'] + ok['test'])
+    (tmp_path / 'e' / 'types.csv').write_text('image_id,instance_id,type\nim00,5,2\n')
+    with pytest.raises(LabelError, match=r'types.csv: no type for instances \[900\] of image im00'): D.load_own_folder(tmp_path / 'e')
+    (tmp_path / 'e' / 'types.csv').write_text('image_id,instance_id,type\nim00,5,0\n')
+    with pytest.raises(LabelError, match=r'types.csv: line 2: type 0; types are > 0'): D.load_own_folder(tmp_path / 'e')
+    (tmp_path / 'e' / 'types.csv').write_text('image,id,class\n')
+    with pytest.raises(LabelError, match='types.csv: expected columns image_id,instance_id,type'): D.load_own_folder(tmp_path / 'e')
+
+@pytest.mark.parametrize('kind', ['png255', 'png01', 'npybool'])
+def test_binary_mask_is_split_with_a_warning_naming_the_file(tmp_path, kind):
+    d = tmp_path / 'b'
+    make_own(d, 4)
+    m = np.zeros((16, 16), np.uint8); m[1:4, 1:4] = 1; m[6:9, 6:9] = 1; m[12:15, 1:15] = 1 # three separate nuclei
+    bad = d / 'labels' / 'im02.png'
+    if kind == 'png255': save(bad, m * 255)
+    elif kind == 'png01': save(bad, m)
+    else: bad.unlink(); bad = d / 'labels' / 'im02.npy'; np.save(bad, m.astype(bool))
+    with pytest.warns(UserWarning, match=rf'{bad.name}: label map is a binary mask .* 3 separate regions.* split into 3 nuclei'):
+        s = D.load_own_folder(d, test_share=0.25)
+    x = next(y for y in s['train'] + s['test'] if y.meta['image_id'] == 'im02')
+    assert x.n_instances == 3 and x.meta['label_stats'] == {'binary_mask': True, 'value': 1 if kind != 'png255' else 255, 'n_components': 3}
+    with pytest.raises(LabelError, match=rf'{bad.name}: label map is a binary mask'): D.load_own_folder(d, binary='error')
+    (d / 'types.csv').write_text('image_id,instance_id,type\n' + ''.join(f'im{k:02d},{5 + k},1\nim{k:02d},900,1\n' for k in range(4)))
+    with pytest.raises(LabelError, match=rf'types.csv: gives nucleus types, but .*{bad.name} is a binary mask'):
+        with pytest.warns(UserWarning): D.load_own_folder(d)
+
+def test_single_nucleus_and_real_instance_maps_load_without_warning(tmp_path):
+    import warnings
+    d = make_own(tmp_path / 'd', 2)
+    one = np.zeros((16, 16), np.uint16); one[3:9, 3:9] = 255 # one nucleus labelled 255: not a mask problem
+    save(d / 'labels' / 'im00.png', one)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        s = D.load_own_folder(d, test_share=0.5)
+    assert sorted(y.n_instances for y in s['train'] + s['test']) == [1, 2]
+
+def test_own_folder_mpp_from_yaml_argument_or_unknown(tmp_path):
+    make_own(tmp_path / 'd', 4, yaml_text='name: lab-x\nmpp: 0.5\nmagnification: 20\nclasses: {1: tumour, 2: immune}\n')
+    s = D.load_own_folder(tmp_path / 'd')
+    every = s['train'] + s['test']
+    assert {(x.meta['mpp'], x.meta['magnification'], x.meta['dataset']) for x in every} == {(0.5, 20.0, 'lab-x')}
+    assert {x.meta['mpp'] for v in D.load_own_folder(tmp_path / 'd', mpp=0.25).values() for x in v} == {0.25}
+    assert D.own_folder_config(tmp_path / 'd')['classes'] == {0: 'background', 1: 'tumour', 2: 'immune'}
+    assert D.mpp_summary(every) == {'mpp': 0.5, 'values': [0.5], 'n_unknown': 0, 'uniform': True}
+    (tmp_path / 'd' / 'dataset.yaml').unlink()
+    assert {x.meta['mpp'] for v in D.load_own_folder(tmp_path / 'd').values() for x in v} == {None}
+    for text, err in (('mpp: -1\n', 'mpp must be a positive number'), ('mpp: [1]\n', 'mpp must be a positive number'),
+                      ('resolution: 3\n', r"unknown keys \['resolution'\]"), ('- a\n', 'expected a mapping'),
+                      ('classes: {a: b}\n', 'classes must map integer ids'), ('mpp: [\n', 'not valid YAML')):
+        (tmp_path / 'd' / 'dataset.yaml').write_text(text)
+        with pytest.raises(ValueError, match=rf'dataset.yaml: .*{err}'): D.load_own_folder(tmp_path / 'd')
+    (tmp_path / 'd' / 'dataset.yaml').unlink()
+    with pytest.raises(ValueError, match='mpp must be a positive number'): D.load_own_folder(tmp_path / 'd', mpp=0)
+
+def test_mpp_summary_and_manifest_mpp():
+    from nucbook.data.sample import Sample
+    mk = lambda v: Sample(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), meta={'mpp': v})
+    assert D.mpp_summary([mk(0.25), mk(0.2527)])['uniform'] # within 5 %
+    assert D.mpp_summary([mk(0.25), mk(0.5)]) == {'mpp': None, 'values': [0.25, 0.5], 'n_unknown': 0, 'uniform': False}
+    assert D.mpp_summary([mk(0.25), mk(None)])['n_unknown'] == 1 and not D.mpp_summary([mk(0.25), mk(None)])['uniform']
+    assert load_manifest('monusac')['mpp'] == 0.19448 and load_manifest('kumar')['mpp'] == 0.25
+    assert all('mpp' in load_manifest(n) for n in list_datasets()[:-1]) # every manifest states its magnification
+
+def test_own_folder_bad_input_names_the_file(tmp_path):
+    d = make_own(tmp_path / 'd', 3)
+    (d / 'labels' / 'im01.png').unlink()
+    with pytest.raises(FileNotFoundError, match=r'labels/im01.png: label map not found'): D.load_own_folder(d)
+    make_own(d, 3)
+    save(d / 'labels' / 'im02.png', np.zeros((15, 16), np.uint16))
+    with pytest.raises(LabelError, match=r'im02.png: label map size 16x15 \(WxH\) differs from the image size 16x16'): D.load_own_folder(d)
+    make_own(d, 3)
+    save(d / 'images' / 'im00.jpg', img(16, 16))
+    with pytest.raises(LabelError, match=r"images .*im00.jpg and im00.png share the name 'im00'|images .*im00.png and im00.jpg share"):
+        D.load_own_folder(d)
+    (d / 'images' / 'im00.jpg').unlink()
+    np.save(d / 'labels' / 'im01.npy', np.zeros((16, 16), np.float32)); (d / 'labels' / 'im01.png').unlink()
+    with pytest.raises(LabelError, match=r'im01.npy: label map has dtype float32'): D.load_own_folder(d)
+
+@pytest.mark.parametrize('ext', ['tif', 'npy'])
+def test_own_folder_32bit_labels(tmp_path, ext):
+    d = make_own(tmp_path / 'd', 4, label_dtype=np.int32, ext=ext)
+    lab = np.zeros((16, 16), np.int32); lab[2:6, 2:6] = 70000; lab[8:12, 8:12] = 3
+    if ext == 'npy': np.save(d / 'labels' / 'im00.npy', lab)
+    else: Image.fromarray(lab).save(d / 'labels' / 'im00.tif')
+    s = D.load_own_folder(d, test_share=0.25)
+    x = next(y for y in s['train'] + s['test'] if y.meta['image_id'] == 'im00')
+    assert x.n_instances == 2 and x.inst_map[3, 3] == 2
+
+def test_load_dataset_takes_an_own_folder_and_save_own_folder_roundtrips(tmp_path):
+    from nucbook.data.synth import synth_dataset
+    tiles = synth_dataset(4, 'train', seed=0, size=32)
+    d = D.save_own_folder(tiles, tmp_path / 'rt')
+    got = load_dataset(str(d), None, test_share=0.25)
+    assert sorted(x.meta['image_id'] for x in got) == sorted(t.meta['image_id'] for t in tiles)
+    by = {x.meta['image_id']: x for x in got}
+    for t in tiles: assert np.array_equal(by[t.meta['image_id']].inst_map, t.inst_map) and np.array_equal(by[t.meta['image_id']].inst_types, t.inst_types)
+    assert len(load_dataset(str(d), 'test')) == 1 and len(load_dataset(d, ['train', 'test'], limit=2)) == 3
+    with pytest.raises(KeyError, match="has no split 'val'"): load_dataset(str(d), 'val')
+
+def test_manifests_are_package_data():
+    import nucbook
+    pkg = Path(nucbook.__file__).resolve().parent
+    assert D.manifest_dir() == pkg / 'data' / 'manifests' and (D.manifest_dir() / 'kumar.yaml').exists()
+    link = pkg.parent / 'data_manifests' # the project root keeps the documented path as a link
+    if link.exists(): assert link.resolve() == D.manifest_dir() and (link / 'schema.json').exists()
+
+def test_manifest_dir_override(tmp_path, monkeypatch):
+    (tmp_path / 'm').mkdir()
+    for f in ('schema.json', 'generic.yaml'): (tmp_path / 'm' / f).write_text((D.manifest_dir() / f).read_text())
+    monkeypatch.setenv('NUCBOOK_MANIFESTS', str(tmp_path / 'm'))
+    assert D.manifest_dir() == tmp_path / 'm' and list_datasets() == ['generic', 'synthetic']

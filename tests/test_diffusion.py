@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMPipeline
 from nucbook.engine.diffusion import (cfg_combine, ddim_sample, ddim_scheduler, diffusion_loss, drop_labels, label_channels,
                                load_diffusion, make_noise_scheduler, make_semantic_unet, make_unet, predict_eps,
-                               random_patches, save_diffusion, train_diffusion)
+                               patch_batch, save_diffusion, train_diffusion)
 from nucbook.data.synth import synth_dataset
 
 torch.set_num_threads(1)  # pytest -n 2 on 2 cores
@@ -19,7 +19,7 @@ def tiles():
 
 @pytest.fixture(scope='module')
 def batch(tiles):
-    return random_patches(tiles, 4, S, 0, n_classes=4)
+    return patch_batch(tiles, 4, S, 0, n_classes=4)
 
 
 def _unet(seed=0):
@@ -114,12 +114,12 @@ def test_label_channels_hand_built():
     with pytest.raises(ValueError, match='0..1'): label_channels(inst, typ, 1)
 
 
-def test_random_patches_deterministic(tiles):
-    a, la = random_patches(tiles, 3, S, 7, n_classes=4)
-    b, lb = random_patches(tiles, 3, S, torch.Generator().manual_seed(7), n_classes=4)
+def test_patch_batch_deterministic(tiles):
+    a, la = patch_batch(tiles, 3, S, 7, n_classes=4)
+    b, lb = patch_batch(tiles, 3, S, torch.Generator().manual_seed(7), n_classes=4)
     assert torch.equal(a, b) and torch.equal(la, lb)
     assert la[:, :5].sum(1).eq(1).all()  # one class per pixel
-    with pytest.raises(ValueError, match='no samples'): random_patches([], 1, S, 0)
+    with pytest.raises(ValueError, match='no samples'): patch_batch([], 1, S, 0)
 
 
 @pytest.mark.parametrize('make', [_unet, _sem])

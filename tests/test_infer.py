@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from nucbook.models.hovernet import HoVerNet
-from nucbook.engine.infer import predict_maps, predict_sample, window_owner, window_starts, evaluate_model
+from nucbook.engine.infer import predict_maps, predict_sample, evaluate_model
+from nucbook.data.crops import window_owner, window_starts
 from nucbook.data.sample import Sample
 from nucbook.data.synth import synth_tile
 
@@ -25,6 +26,19 @@ def test_windows_cover_and_own_every_pixel():
         assert (np.diff(own) >= 0).all() and set(own) == set(range(len(starts)))
         pos = np.arange(length)
         assert ((pos >= starts[own]) & (pos < starts[own] + win)).all()  # owned pixels lie in their window
+
+
+def test_infer_uses_the_crops_windows():
+    import nucbook.engine.infer as infer
+    assert infer.window_starts is window_starts and infer.window_owner is window_owner  # one geometry, not a copy
+    assert not hasattr(infer, '__all__') or 'window_starts' not in infer.__all__
+
+
+def test_tile_smaller_than_window_or_overlap():
+    img = synth_tile(seed=2, size=(40, 48)).image
+    whole = predict_maps(Pointwise(), img, window=256, overlap=64)  # sides shorter than the overlap: one window
+    assert whole['np'].shape == (40, 48)
+    with pytest.raises(ValueError, match='overlap'): predict_maps(Pointwise(), img, window=64, overlap=64)
 
 
 def test_single_window_equals_single_pass():

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from scipy import ndimage as ndi
-from nucbook.data.sample import (LabelError, keep_largest_component, make_sample, remove_small_instances, to_inst_map,
-                            types_from_type_map, type_map_from_types)
+from dataclasses import replace
+from nucbook.data.sample import (LabelError, check_sample, keep_largest_component, make_sample, remove_small_instances,
+                            to_inst_map, types_from_type_map, type_map_from_types)
 
 
 def _largest_piece_loop(m):
@@ -62,3 +63,18 @@ def test_bad_labels_name_the_file():
 def test_remove_small_instances_renumbers():
     m = np.array([[5, 5, 0, 9], [5, 0, 0, 0]], np.int32)
     assert remove_small_instances(m, 2).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_one_validator_for_samples_and_augmentations():
+    "`Sample.validate` and the augmentations' input check are the same `check_sample`: same rules, same messages."
+    s = make_sample(np.zeros((3, 4, 3), np.uint8), np.array([[1, 1, 0, 2], [1, 0, 0, 2], [0, 0, 0, 0]]),
+                    inst_types=[3, 1], meta={'source': 't.mat'})
+    assert check_sample(s).tolist() == [7, 3, 2]
+    cases = [(replace(s, inst_map=s.inst_map.astype(np.int64)), 'must be int32'),
+             (replace(s, inst_map=np.where(s.inst_map == 1, 0, s.inst_map)), 'not contiguous'),
+             (replace(s, inst_types=np.array([3, 1, 1])), '3 instance types for 2 instances'),
+             (replace(s, type_map=s.type_map * 0), 'type_map disagrees'),
+             (replace(s, inst_map=s.inst_map[:2]), 'but the image is')]
+    for bad, msg in cases:
+        with pytest.raises(LabelError, match=msg): bad.validate()
+        with pytest.raises(LabelError, match=r'pool\[1\] \(t.mat\): .*' + msg): check_sample(bad, 'pool[1]')

@@ -1,11 +1,13 @@
 """Trainer: resume after a real SIGKILL ends with the same state as an uninterrupted run; DDP (gloo, 2 processes);
-the baseline notebook's smoke profile through `nucbook run`."""
+the papers' schedules; the baseline notebook's smoke profile through `nucbook run`. (The loop itself, refusals of
+changed settings and `extend`: tests/test_loop.py.)"""
 import json, os, signal, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nucbook.engine.train import TrainConfig, epoch_batches, load_checkpoint, lr_curve, INSMIX_SCHEDULE, NUCLEIMIX_SCHEDULE
+from nucbook.core import load_checkpoint
+from nucbook.engine.train import TrainConfig, epoch_batches, lr_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'NO_ALBUMENTATIONS_UPDATE': '1', 'MPLBACKEND': 'Agg'}
@@ -51,17 +53,17 @@ def test_killed_run_resumes_to_identical_state(tmp_path):
     p = _run(script, killed, 7, 0, cwd=tmp_path)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)  # really killed, no clean-up ran
     ck = load_checkpoint(killed/'last.pt')
-    assert (ck['epoch'], ck['step'], ck['global_step']) == (1, 2, 6)  # mid-epoch checkpoint: sampler position kept
-    assert not (killed/'final.pt').exists() and not list(killed.glob('*.tmp'))
+    assert ck['step'] == 6 and ck['state']['epochs']['n'] == 2  # mid-epoch checkpoint: the epoch's loss sums kept
+    assert not (killed/'final.pt').exists() and not list(killed.glob('.*.tmp'))
     p = _run(script, killed, 0, 99, cwd=tmp_path); assert p.returncode == 0, p.stderr  # other init seed: overridden
     assert 'resumed from' in p.stderr
     a, b = torch.load(full/'final.pt', weights_only=False), torch.load(killed/'final.pt', weights_only=False)
-    for k in ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step', 'global_step', 'config'): _assert_same(a[k], b[k], k)
-    _assert_same(a['rng'], b['rng'], 'rng')  # Python, NumPy and torch random states
+    for k in ('model', 'optimizer', 'scheduler', 'scaler'): _assert_same(a['state'][k], b['state'][k], k)
+    for k in ('step', 'steps', 'settings', 'history', 'rng'): _assert_same(a[k], b[k], k)  # rng: Python, NumPy, torch
     drop = lambda h: [{k: v for k, v in r.items() if k not in ('time_s', 'images_per_s')} for r in h]
-    assert drop(a['history']) == drop(b['history'])
-    assert a['global_step'] == 8 and len(a['history']) == 2
-    assert not all(torch.equal(ck['model'][k], a['model'][k]) for k in ck['model'])  # steps 7-8 did train
+    assert drop(a['state']['epochs']['rows']) == drop(b['state']['epochs']['rows'])
+    assert a['step'] == 8 and len(a['state']['epochs']['rows']) == 2
+    assert not all(torch.equal(ck['state']['model'][k], a['state']['model'][k]) for k in ck['state']['model'])  # 7-8 trained
 
 
 DDP = textwrap.dedent('''
@@ -89,7 +91,7 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert r0['steps'] == r1['steps'] == 4  # 8 items per epoch shared by 2 processes, batches of 2, 2 epochs
     for k in r0['params']: assert torch.equal(r0['params'][k], r1['params'][k]), k  # gradients were all-reduced
     ck = load_checkpoint(out/'last.pt')
-    assert ck['world'] == 2 and ck['global_step'] == 4 and len(ck['history']) == 2
+    assert ck['settings']['world'] == 2 and ck['step'] == 4 and len(ck['state']['epochs']['rows']) == 2
     assert json.loads((out/'train_log.json').read_text())[-1]['epoch'] == 2
 
 
@@ -101,9 +103,11 @@ def test_ddp_shares_are_disjoint_and_equal():
 
 
 def test_schedules():
-    ins = lr_curve(TrainConfig(**INSMIX_SCHEDULE), steps_per_epoch=2)
+    insmix = dict(epochs=300, lr=1e-3, weight_decay=1e-4, T_0=50, T_mult=1, eta_min=0.0)
+    nucleimix = dict(epochs=100, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, T_0=25, T_mult=1, eta_min=1e-5)
+    ins = lr_curve(TrainConfig(**insmix), steps_per_epoch=2)
     assert ins[0] == pytest.approx(1e-3) and ins[100] == pytest.approx(1e-3) and ins[50] == pytest.approx(5e-4)
-    nm = lr_curve(TrainConfig(**NUCLEIMIX_SCHEDULE))
+    nm = lr_curve(TrainConfig(**nucleimix))
     assert nm[0] == pytest.approx(1e-4) and nm[25] == pytest.approx(1e-4) and nm[24] == pytest.approx(1e-5 + 4.5e-5 * (1 + np.cos(np.pi * 24 / 25)))
 
 

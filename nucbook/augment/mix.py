@@ -8,169 +8,23 @@ Docs: https://nucbook.github.io/nucbook/augment.html.md"""
 # %% ../../nbs/06a_augment.ipynb #26934692
 from __future__ import annotations
 import json, weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
 import cv2
 from scipy import ndimage as ndi
 from scipy.special import erfinv
-from skimage.measure import label as label_regions
 from ..core import as_rng, atomic_write, atomic_write_json
-from ..data.sample import Sample, LabelError, type_map_from_types, instance_centroids, keep_largest_component
+from ..data.sample import Sample, LabelError, check_sample, instance_centroids, _who
+from .canvas import Augmented, Canvas, check_donor, check_typing, jsonable
 
 # %% auto #0
-__all__ = ['AUGMENTATIONS', 'Augmented', 'check_sample', 'check_donor', 'blend', 'erase', 'mask_mix', 'random_box', 'box_mask',
-           'cow_mask', 'Augmentation', 'pick_donor', 'MixUp', 'CutOut', 'CutMix', 'CowOut', 'CowMix', 'CopyPaste',
-           'median_at', 'GradMix', 'StandardAugment', 'as_transform', 'load_augmented', 'augment_set',
-           'get_augmentation']
-
-# %% ../../nbs/06a_augment.ipynb #65d20abf
-@dataclass
-class Augmented:
-    "What an augmentation returns: the new sample and the record of what was done."
-    sample: Sample # the augmented sample
-    record: dict # JSON-ready provenance: method, params, sources, instances, dropped
-
-# %% ../../nbs/06a_augment.ipynb #83ea2662
-def _who(s, role):
-    src = s.meta.get('source') or s.meta.get('image_id') if isinstance(getattr(s, 'meta', None), dict) else None
-    return f'{role} ({src})' if src else role
-
-def check_sample(
-    s:Sample, # sample to check
-    role:str='sample', # how to call it in error messages, e.g. 'pool[3]'
-) -> np.ndarray:
-    "Raise `LabelError` unless `s` is a valid `Sample`; return its instance areas (index 0 = background)."
-    if not isinstance(s, Sample): raise LabelError(f'{role}: expected a nucbook Sample, got {type(s).__name__}')
-    who = _who(s, role); im, m = s.image, s.inst_map
-    if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-        raise LabelError(f'{who}: image must be uint8 H x W x 3, got {getattr(im, "dtype", type(im))} {np.shape(im)}')
-    if not isinstance(m, np.ndarray) or m.ndim != 2:
-        raise LabelError(f'{who}: inst_map must be a 2-D array, got shape {np.shape(m)}')
-    if m.dtype != np.int32:
-        raise LabelError(f'{who}: inst_map has dtype {m.dtype}; expected int32 (make_sample normalises raw labels)')
-    if m.shape != im.shape[:2]:
-        raise LabelError(f'{who}: inst_map is {m.shape[1]}x{m.shape[0]} (WxH) but the image is {im.shape[1]}x{im.shape[0]}')
-    if m.size and m.min() < 0: raise LabelError(f'{who}: inst_map has negative ids')
-    area = np.bincount(m.ravel(), minlength=1)
-    if (area[1:] == 0).any():
-        raise LabelError(f'{who}: instance ids are not contiguous ({int((area[1:] > 0).sum())} instances, max id {len(area) - 1})')
-    if (s.type_map is None) != (s.inst_types is None):
-        raise LabelError(f'{who}: type_map and inst_types must both be given or both be None')
-    if s.inst_types is not None:
-        t, tm = np.asarray(s.inst_types), s.type_map
-        if t.ndim != 1 or len(t) != len(area) - 1 or not np.issubdtype(t.dtype, np.integer):
-            raise LabelError(f'{who}: inst_types must be {len(area) - 1} integers, got {t.dtype} {t.shape}')
-        if not isinstance(tm, np.ndarray) or tm.shape != m.shape or not np.issubdtype(tm.dtype, np.integer):
-            raise LabelError(f'{who}: type_map must be an integer map of the image size, got {getattr(tm, "dtype", None)} {np.shape(tm)}')
-        if not np.array_equal(tm, type_map_from_types(m, t)):
-            raise LabelError(f'{who}: type_map disagrees with inst_types (or is non-zero on background)')
-    return area
-
-_CHECKED = {} # id(pool sample) -> (weak reference, areas): pool samples are checked once, not at every use
-
-def check_donor(
-    s:Sample, # a pool sample
-    role:str='donor', # how to call it in error messages
-) -> np.ndarray:
-    "`check_sample` for pool samples, remembered while the sample lives (pool arrays must not change in place)."
-    hit = _CHECKED.get(id(s))
-    if hit is not None and hit[0]() is s: return hit[1]
-    area = check_sample(s, role)
-    _CHECKED[id(s)] = (weakref.ref(s, lambda _, k=id(s): _CHECKED.pop(k, None)), area)
-    return area
-
-# %% ../../nbs/06a_augment.ipynb #4b2c70cb
-def _source(s:Sample, role:str, **extra) -> dict:
-    d = {'role': role, 'image_id': s.meta.get('image_id'), 'shape': [int(v) for v in s.image.shape[:2]]}
-    return {**d, **extra}
-
-def _box(sl) -> list: return [int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop)]
-
-def _jsonable(o):
-    "Plain Python versions of numpy scalars and arrays, recursively."
-    if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray): return _jsonable(o.tolist())
-    if isinstance(o, np.bool_): return bool(o)
-    if isinstance(o, np.integer): return int(o)
-    if isinstance(o, np.floating): return float(o)
-    return o
-
-class _Canvas:
-    "Working state of one augmentation: image, code map, and what each code stands for."
-    def __init__(self, s:Sample, area:np.ndarray):
-        self.image, self.code, self.typed, self.meta = s.image.copy(), s.inst_map.copy(), s.has_types, s.meta
-        self.sources = [_source(s, 'sample')]
-        self.src, self.sid, self.typ, self.before, self.op = [0], [0], [0], [0], ['']  # index 0 = background
-        self.register(0, np.arange(1, len(area)), s.inst_types, area[1:], 'kept')
-
-    def add_source(self, s:Sample, role:str, **extra) -> int:
-        self.sources.append(_source(s, role, **extra)); return len(self.sources) - 1
-
-    def register(self, source:int, ids, types, areas, op:str) -> int:
-        "Give instances `ids` of `source` the next codes; return the offset (code = offset + position + 1)."
-        off = len(self.src) - 1; k = len(ids)
-        self.src += [source] * k; self.sid += np.asarray(ids).tolist()
-        self.typ += [0] * k if types is None else np.asarray(types).tolist()
-        self.before += np.asarray(areas).tolist(); self.op += [op] * k
-        return off
-
-    def reassign(self, code:int, source:int, source_id:int, type_:int, area:int, op:str):
-        "Let an existing code stand for another instance (GradMix reuses the replaced nucleus's id)."
-        self.src[code], self.sid[code], self.typ[code], self.before[code], self.op[code] = source, source_id, type_, area, op
-
-    def lift(self, inst_map:np.ndarray, off:int) -> np.ndarray:
-        "Codes of a layer registered at `off`: the layer's ids shifted, background kept 0."
-        return np.where(inst_map > 0, inst_map + off, 0).astype(np.int32)
-
-    def finish(self, method:str, params:dict, min_area:int, centroids:bool=False) -> Augmented:
-        "Apply the label rules (largest visible piece, minimum area, relabelling) and build the record."
-        # one pass over the connected pieces of the code map does rules 2-4 (same result as
-        # remove_small_instances(keep_largest_component(code), min_area), tested in tests/test_augment.py)
-        K = len(self.src) - 1
-        comp, nc = label_regions(self.code, background=0, connectivity=2, return_num=True)
-        flat = comp.ravel()
-        size = np.bincount(flat, minlength=nc + 1)
-        owner = np.rint(np.bincount(flat, weights=self.code.ravel(), minlength=nc + 1) / np.maximum(size, 1)).astype(np.int64)
-        present = np.bincount(owner[1:], weights=size[1:], minlength=K + 1)
-        c = np.arange(1, nc + 1)
-        order = np.lexsort((c, -size[1:], owner[1:]))  # by owner, then largest piece first, then raster order
-        first = np.ones(nc, bool); first[1:] = owner[1:][order][1:] != owner[1:][order][:-1]
-        best = c[order][first]
-        area = np.zeros(K + 1, np.int64); area[owner[best]] = size[best]
-        keep = area >= max(1, min_area); keep[0] = False
-        new_id = np.zeros(K + 1, np.int32); n = int(keep.sum()); new_id[keep] = np.arange(1, n + 1)
-        final = np.zeros(nc + 1, np.int32); final[best] = new_id[owner[best]]
-        inst = final[comp]
-        self.new_id = new_id
-        kept = np.flatnonzero(keep)
-        types = np.asarray(self.typ, np.int32)[kept] if self.typed else None
-        tmap = type_map_from_types(inst, types) if self.typed else None
-        cen = instance_centroids(inst) if centroids else None
-        a, cut = area[kept].tolist(), (area[kept] < np.asarray(self.before)[kept]).tolist()
-        rows = [{'id': i + 1, 'source': self.src[k], 'source_id': self.sid[k], 'op': self.op[k], 'cut': cut[i],
-                 'area': a[i], 'box': [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop],
-                 'type': self.typ[k] if self.typed else None}
-                for i, (k, sl) in enumerate(zip(kept.tolist(), ndi.find_objects(inst)))]
-        if cen is not None:
-            for r, (x, y) in zip(rows, np.round(cen, 2).tolist()): r['centroid'] = [x, y]
-        src = np.asarray(self.src)
-        lost = np.flatnonzero(~keep & (np.asarray(self.before) > 0) & ((present > 0) | (src == 0)))
-        dropped = [{'source': self.src[k], 'source_id': int(self.sid[k]), 'area': int(area[k]),
-                    'reason': 'covered' if area[k] == 0 else 'small'} for k in lost if k > 0]
-        record = {'method': method, 'params': _jsonable(params), 'min_area': int(min_area),
-                  'sources': _jsonable(self.sources), 'instances': rows, 'dropped': dropped}
-        meta = {**self.meta, 'augment': [*self.meta.get('augment', []), record]}
-        return Augmented(Sample(self.image, inst, tmap, types, meta), record)
+__all__ = ['AUGMENTATIONS', 'blend', 'erase', 'mask_mix', 'random_box', 'box_mask', 'cow_mask', 'Augmentation', 'pick_donor',
+           'MixUp', 'CutOut', 'CutMix', 'CowOut', 'CowMix', 'CopyPaste', 'median_at', 'GradMix', 'StandardAugment',
+           'as_transform', 'load_augmented', 'augment_set', 'get_augmentation']
 
 # %% ../../nbs/06a_augment.ipynb #0711150c
-def _same_typing(s:Sample, d:Sample, role:str):
-    if s.has_types != d.has_types:
-        raise LabelError(f'{_who(d, role)}: cannot mix a {"typed" if s.has_types else "untyped"} sample with a '
-                         f'{"typed" if d.has_types else "untyped"} one')
-
 def _aligned(s:Sample, d:Sample, rng:np.random.Generator|None, role:str) -> tuple[Sample, list]:
     "The donor, randomly cropped to the sample's size when larger; `(donor view, [x0, y0] of the crop)`."
     (h, w), (H, W) = s.shape, d.shape
@@ -184,17 +38,21 @@ def _aligned(s:Sample, d:Sample, rng:np.random.Generator|None, role:str) -> tupl
     view = Sample(d.image[sl], d.inst_map[sl], None if d.type_map is None else d.type_map[sl], d.inst_types, d.meta)
     return view, [x0, y0]
 
-def _donor_layer(c:_Canvas, d:Sample, darea:np.ndarray, view:Sample, op:str, **extra) -> np.ndarray:
-    k = c.add_source(d, 'donor', **extra)
-    off = c.register(k, np.arange(1, len(darea)), d.inst_types, darea[1:], op)
+def _donor_codes(c:Canvas, d:Sample, darea:np.ndarray, view:Sample, role:str, **extra) -> np.ndarray:
+    "Register every nucleus of donor `d` on the canvas; the codes of its (aligned) view."
+    off = c.register(c.add_source(d, 'donor', who=role, **extra), np.arange(1, len(darea)), d.inst_types, darea[1:], 'mixed')
     return c.lift(view.inst_map, off)
+
+def _region_step(op:str, drawn:np.ndarray, used:np.ndarray) -> dict:
+    return {'op': op, 'drawn_fraction': float(drawn.mean()), 'fraction': float(used.mean()),
+            'grown_px': int(np.count_nonzero(used) - np.count_nonzero(drawn))}
 
 def blend(
     sample:Sample, # the sample (weight lam)
     donor:Sample, # the other image (weight 1 - lam), at least the sample's size
     lam:float, # weight of the sample's image in [0, 1]
     labels:str='union', # 'union': label the nuclei of both images; 'sample': keep the sample's labels only
-    min_area:int=10, # smaller instances (after occlusion) are dropped
+    min_area:int=10, # smallest remnant of a donor nucleus occluded by the sample's nuclei
     rng:np.random.Generator|None=None, # picks the crop of a larger donor
     method:str='mixup', params:dict|None=None, pool_index:int|None=None, # for the record
 ) -> Augmented:
@@ -204,21 +62,19 @@ def blend(
 def _blend(sample, area, donor, darea, lam, labels='union', min_area=10, rng=None, method='mixup', params=None, pool_index=None, role='donor'):
     if labels not in ('union', 'sample'): raise ValueError(f"labels must be 'union' or 'sample', got {labels!r}")
     if not 0 <= lam <= 1: raise ValueError(f'lam must be in [0, 1], got {lam}')
-    _same_typing(sample, donor, role)
+    check_typing(sample, donor, role)
     view, at = _aligned(sample, donor, rng, role)
-    c = _Canvas(sample, area)
-    c.image = cv2.addWeighted(sample.image, float(lam), view.image, float(1 - lam), 0.0)
-    if labels == 'union':
-        lifted = _donor_layer(c, donor, darea, view, 'mixed', pool_index=pool_index, crop_xy=at)
-        c.code = np.where(c.code > 0, c.code, lifted)
-    else: c.add_source(donor, 'donor', pool_index=pool_index, crop_xy=at)
-    return c.finish(method, {**(params or {}), 'lam': float(lam), 'labels': labels}, min_area)
+    c = Canvas(sample, area, min_area)
+    c.image = cv2.addWeighted(sample.image, float(lam), np.ascontiguousarray(view.image), float(1 - lam), 0.0)
+    if labels == 'union': c.underlay(_donor_codes(c, donor, darea, view, role, pool_index=pool_index, crop_xy=at))
+    else: c.add_source(donor, 'donor', who=role, pool_index=pool_index, crop_xy=at)
+    return c.finish(method, {**(params or {}), 'lam': float(lam), 'labels': labels})
 
 def erase(
     sample:Sample, # the sample
     mask:np.ndarray, # bool H x W, True = erased
     fill:int|tuple|str=0, # value of erased pixels: grey level, RGB triple, or 'mean' (the image's mean colour)
-    min_area:int=10, # smaller instances (after cutting) are dropped
+    min_area:int=10, # smallest remnant a cut nucleus may keep (smaller ones are erased too)
     method:str='cutout', params:dict|None=None, # for the record
 ) -> Augmented:
     "CutOut's and CowOut's core: erase the pixels under `mask`; they become background."
@@ -227,31 +83,29 @@ def erase(
 def _erase(sample, area, mask, fill=0, min_area=10, method='cutout', params=None):
     mask = _check_mask(mask, sample)
     if isinstance(fill, str) and fill != 'mean': raise ValueError(f"fill must be a number, an RGB triple or 'mean', got {fill!r}")
-    c = _Canvas(sample, area)
+    c = Canvas(sample, area, min_area)
     colour = sample.image.reshape(-1, 3).mean(0).round() if isinstance(fill, str) else fill
-    c.image = cv2.copyTo(np.full_like(c.image, np.asarray(colour, np.uint8)), mask.view(np.uint8), c.image)
-    c.code[mask] = 0
-    return c.finish(method, {**(params or {}), 'erased_fraction': float(mask.mean()), 'fill': fill}, min_area)
+    used = c.cover(mask, np.full_like(c.image, np.asarray(colour, np.uint8)))
+    return c.finish(method, {**(params or {}), 'erased_fraction': float(mask.mean()), 'fill': fill},
+                    steps=[_region_step('erase', mask, used)])
 
 def mask_mix(
     sample:Sample, # the sample (outside the mask)
     donor:Sample, # pixels and labels inside the mask; at least the sample's size
     mask:np.ndarray, # bool H x W, True = donor
-    min_area:int=10, # smaller instances (after cutting) are dropped
+    min_area:int=10, # smallest remnant a cut nucleus may keep
     rng:np.random.Generator|None=None, # picks the crop of a larger donor
     method:str='cutmix', params:dict|None=None, pool_index:int|None=None, # for the record
 ) -> Augmented:
-    "CutMix's and CowMix's core: the donor's pixels and labels inside `mask`, the sample's outside."
+    "CutMix's and CowMix's core: the donor's pixels and labels inside `mask` (grown by the occlusion rule), the sample's outside."
     return _mask_mix(sample, check_sample(sample), donor, check_donor(donor), mask, min_area, rng, method, params, pool_index)
 
 def _mask_mix(sample, area, donor, darea, mask, min_area=10, rng=None, method='cutmix', params=None, pool_index=None, role='donor'):
-    _same_typing(sample, donor, role); mask = _check_mask(mask, sample)
+    check_typing(sample, donor, role); mask = _check_mask(mask, sample)
     view, at = _aligned(sample, donor, rng, role)
-    c = _Canvas(sample, area)
-    c.image = cv2.copyTo(np.ascontiguousarray(view.image), mask.view(np.uint8), c.image)  # ~100x faster than np.copyto
-    lifted = _donor_layer(c, donor, darea, view, 'mixed', pool_index=pool_index, crop_xy=at)
-    c.code = np.where(mask, lifted, c.code)
-    return c.finish(method, {**(params or {}), 'donor_fraction': float(mask.mean())}, min_area)
+    c = Canvas(sample, area, min_area)
+    used = c.cover(mask, view.image, _donor_codes(c, donor, darea, view, role, pool_index=pool_index, crop_xy=at))
+    return c.finish(method, {**(params or {}), 'donor_fraction': float(mask.mean())}, steps=[_region_step('cover', mask, used)])
 
 def _check_mask(mask, s:Sample) -> np.ndarray:
     m = np.asarray(mask)
@@ -465,10 +319,12 @@ class CopyPaste(Augmentation):
         scale:tuple=(0.8, 1.25), # range of the scale jitter (one factor per donor)
         types:tuple|None=None, # paste only nuclei of these types (e.g. (1,) for the rare type); None = any
         flip:bool=True, # flip the donor's nuclei horizontally with probability 0.5
-        min_area:int=10, # smaller instances are dropped
+        max_tries:int=10, # positions drawn per nucleus when the canvas refuses one
+        min_area:int=10, # smallest remnant a cut nucleus may keep
     ):
         super().__init__(min_area)
         self.n_paste, self.scale, self.types, self.flip = tuple(n_paste), tuple(scale), None if types is None else tuple(types), flip
+        self.max_tries = max_tries
 
     def _eligible(self, s:Sample) -> np.ndarray:
         if self.types is None: return np.arange(1, s.n_instances + 1)
@@ -478,17 +334,18 @@ class CopyPaste(Augmentation):
     def apply(self, sample, area, rng, pool):
         if self.types is not None and not sample.has_types:
             raise LabelError(f'{_who(sample, "sample")}: copypaste with types={self.types} needs a typed sample')
-        c = _Canvas(sample, area); params = self.config()
+        c = Canvas(sample, area, self.min_area); params = self.config()
         j = pick_donor(pool, rng, sample, accept=lambda s: len(self._eligible(s)) > 0)
-        if j is None: return c.finish(self.name, {**params, 'n_pasted': 0, 'pastes': []}, self.min_area)
-        d = pool[j]; check_donor(d, f'pool[{j}]'); _same_typing(sample, d, f'pool[{j}]')
+        if j is None: return c.finish(self.name, {**params, 'n_pasted': 0}, steps=[{'op': 'paste', 'pastes': [], 'refused': 0}])
+        d = pool[j]; role = f'pool[{j}]'; check_donor(d, role); check_typing(sample, d, role)
         ids = self._eligible(d)
         k = min(int(rng.integers(self.n_paste[0], self.n_paste[1] + 1)), len(ids))
         pick = rng.choice(ids, k, replace=False)
         s = float(rng.uniform(*self.scale)); flip = bool(self.flip and rng.random() < 0.5)
         objs = ndi.find_objects(d.inst_map); H, W = sample.shape
-        patches = []
-        for i in pick:
+        src = c.add_source(d, 'donor', who=role, pool_index=j)
+        pastes, refused = [], 0
+        for i in pick.tolist():
             sl = objs[i - 1]; m = (d.inst_map[sl] == i).astype(np.uint8); im = d.image[sl]
             if s != 1:
                 size = (max(1, round(m.shape[1] * s)), max(1, round(m.shape[0] * s)))
@@ -496,17 +353,16 @@ class CopyPaste(Augmentation):
             if flip: m, im = m[:, ::-1], im[:, ::-1]
             m = m.astype(bool)
             if m.shape[0] > H or m.shape[1] > W or not m.any(): continue
-            y0, x0 = int(rng.integers(0, H - m.shape[0] + 1)), int(rng.integers(0, W - m.shape[1] + 1))
-            patches.append((int(i), m, im, x0, y0))
-        k_src = c.add_source(d, 'donor', pool_index=j)
-        types = None if d.inst_types is None else [d.inst_types[p[0] - 1] for p in patches]
-        off = c.register(k_src, [p[0] for p in patches], types, [int(p[1].sum()) for p in patches], 'pasted')
-        pastes = []
-        for n, (i, m, im, x0, y0) in enumerate(patches, start=1):
-            win = np.s_[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
-            c.image[win][m] = im[m]; c.code[win][m] = off + n
-            pastes.append({'source_id': i, 'xy': [x0, y0]})
-        return c.finish(self.name, {**params, 'scale_drawn': s, 'flipped': flip, 'n_pasted': len(patches), 'pastes': pastes}, self.min_area)
+            t = int(d.inst_types[i - 1]) if d.has_types else 0
+            for _ in range(self.max_tries):
+                y0, x0 = int(rng.integers(0, H - m.shape[0] + 1)), int(rng.integers(0, W - m.shape[1] + 1))
+                code = c.paste(m, y0, x0, src, i, type=t, pixels=im)
+                if code is not None: pastes.append({'source_id': i, 'xy': [x0, y0], 'code': code}); break
+                refused += 1
+        out = c.finish(self.name, {**params, 'scale_drawn': s, 'flipped': flip, 'n_pasted': len(pastes)},
+                       steps=[{'op': 'paste', 'pastes': pastes, 'refused': refused}])
+        for p in out.record['steps'][0]['pastes']: p['id'] = c.final_id(p.pop('code'))  # None: covered by a later paste
+        return out
 
 # %% ../../nbs/06a_augment.ipynb #b80f87f5
 def _disk(r:int) -> np.ndarray: return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)).astype(bool)
@@ -538,12 +394,14 @@ class GradMix(Augmentation):
         colour_mix:float=0.5, # weight of the sample's mean nuclear colour in the rare nucleus's new colour
         median:bool=True, # median-filter the blended ring
         max_replace:int|None=None, # cap on replacements per sample
-        min_area:int=10, # smaller instances are dropped
+        max_tries:int=3, # rare nuclei tried per major one when the canvas refuses a placement
+        min_area:int=10, # smallest remnant a nucleus cut by a rare one may keep
     ):
         super().__init__(min_area)
         self.rare_type, self.fraction, self.area_ratio, self.margin = rare_type, fraction, area_ratio, margin
         self.major_types = None if major_types is None else tuple(major_types)
         self.dilate, self.inpaint_radius, self.colour_mix, self.median, self.max_replace = dilate, inpaint_radius, colour_mix, median, max_replace
+        self.max_tries = max_tries
         self._tables = {}
 
     def _rare_table(self, s:Sample, area:np.ndarray) -> dict:
@@ -569,7 +427,7 @@ class GradMix(Augmentation):
 
     def apply(self, sample, area, rng, pool):
         if not sample.has_types: raise LabelError(f'{_who(sample, "sample")}: GradMix needs typed samples')
-        c = _Canvas(sample, area); m, img0 = sample.inst_map, sample.image; H, W = m.shape
+        c = Canvas(sample, area, self.min_area); m, img0 = sample.inst_map, sample.image; H, W = m.shape
         types = np.asarray(sample.inst_types); n = len(types)
         cen = instance_centroids(m) if n else np.zeros((0, 2)); mg = self.margin
         inside = (cen[:, 0] >= mg) & (cen[:, 0] < W - mg) & (cen[:, 1] >= mg) & (cen[:, 1] < H - mg)
@@ -591,52 +449,54 @@ class GradMix(Augmentation):
             for r in range(len(tab['ids'])): bank_src.append(src); bank_tab.append(tab); bank_row.append(r)
         add(-1, own)
         order = iter([int(j) for j in rng.permutation(len(pool)) if pool[j] is not sample])
-        used = set(); pairs = []
+        used, pairs, reps, src_index, refused = set(), [], [], {}, 0
         for a_dil, i, sl, dil in cand:
             if self.max_replace is not None and len(pairs) >= self.max_replace: break
-            limit = a_dil / self.area_ratio; hit = None
-            while hit is None:
-                hit = next((b for b in range(len(bank_src)) if b not in used and bank_tab[b]['area'][bank_row[b]] <= limit), None)
-                if hit is not None: break
-                j = next(order, None)
-                if j is None: break
-                add(j, self._pool_table(pool[j], j))
-            if hit is None: continue
-            used.add(hit); pairs.append((i, sl, dil, hit))
-        params = self.config()
-        if not pairs: return c.finish(self.name, {**params, 'n_majors': len(majors), 'n_replaced': 0, 'replacements': []}, self.min_area, centroids=True)
-        # inpaint every replaced nucleus (dilated) at once; other nuclei are protected
-        rep = np.zeros(n + 1, bool); rep[[p[0] for p in pairs]] = True
-        others = (m > 0) & ~rep[m]
-        hole = np.zeros((H, W), np.uint8)
-        for i, sl, dil, _ in pairs: hole[sl] |= dil.astype(np.uint8)
-        hole[others] = 0
-        ys, xs = np.nonzero(hole); e = self.inpaint_radius + 1  # inpaint only the box around the holes
-        win = np.s_[max(ys.min() - e, 0):ys.max() + e + 1, max(xs.min() - e, 0):xs.max() + e + 1]
-        c.image[win] = cv2.inpaint(np.ascontiguousarray(img0[win]), np.ascontiguousarray(hole[win]), self.inpaint_radius, cv2.INPAINT_TELEA)
-        c.code[rep[m]] = 0
-        mean_nuc = img0[m > 0].astype(np.float32).mean(0)
-        src_index = {}; reps = []; ring_all, rare_all = np.zeros((H, W), bool), np.zeros((H, W), bool)
-        for i, sl, dil, b in pairs:
-            j, tab, r = bank_src[b], bank_tab[b], bank_row[b]
-            src = sample if j < 0 else pool[j]
-            if j >= 0 and j not in src_index: src_index[j] = c.add_source(src, 'donor', pool_index=j)
-            rid, rbox = int(tab['ids'][r]), tab['box'][r]
-            dy, dx = (np.rint(cen[i - 1][::-1]) - np.rint(tab['cen'][r][::-1])).astype(int)
-            self._blend_one(c, src, rid, rbox, dy, dx, sl, dil, others, mean_nuc, i, ring_all, rare_all)
-            c.reassign(i, 0 if j < 0 else src_index[j], rid, self.rare_type, int(tab['area'][r]), 'replaced')
-            reps.append({'id_before': int(i), 'source': 0 if j < 0 else src_index[j], 'source_id': rid,
-                         'centroid_before': [round(float(v), 2) for v in cen[i - 1]]})
-        ring = ring_all & ~rare_all
-        if self.median and ring.any():  # once for all rings, on the final image
-            for ch, r in ((0, 1), (1, 1), (2, 5)): c.image[..., ch][ring] = median_at(c.image[..., ch], ring, _disk(r))
-        out = c.finish(self.name, {**params, 'n_majors': len(majors), 'n_replaced': len(reps), 'replacements': reps},
-                       self.min_area, centroids=True)
-        for rp in out.record['params']['replacements']: rp['id'] = int(c.new_id[rp['id_before']]) or None
-        out.sample.meta['augment'][-1] = out.record
+            limit = a_dil / self.area_ratio; skip = set()
+            while len(skip) < self.max_tries:
+                hit = next((b for b in range(len(bank_src)) if b not in used and b not in skip and bank_tab[b]['area'][bank_row[b]] <= limit), None)
+                if hit is None:
+                    j = next(order, None)
+                    if j is None: break
+                    add(j, self._pool_table(pool[j], j)); continue
+                j, tab, r = bank_src[hit], bank_tab[hit], bank_row[hit]
+                src = sample if j < 0 else pool[j]
+                rid, rbox = int(tab['ids'][r]), tab['box'][r]
+                dy, dx = (np.rint(cen[i - 1][::-1]) - np.rint(tab['cen'][r][::-1])).astype(int)
+                rmask, y0, x0 = src.inst_map[rbox] == rid, rbox[0].start + dy, rbox[1].start + dx
+                if not c.fits(rmask, y0, x0, replacing=i): skip.add(hit); refused += 1; continue
+                if j >= 0 and j not in src_index: src_index[j] = c.add_source(src, 'donor', who=f'pool[{j}]', pool_index=j)
+                s_k = 0 if j < 0 else src_index[j]
+                c.replace(i, rmask, y0, x0, s_k, rid, self.rare_type, 'replaced', area=int(tab['area'][r]))
+                used.add(hit); pairs.append((i, sl, dil, src, rid, rbox, dy, dx))
+                reps.append({'id_before': int(i), 'source': s_k, 'source_id': rid,
+                             'centroid_before': [round(float(v), 2) for v in cen[i - 1]]})
+                break
+        params = {**self.config(), 'n_majors': len(majors), 'n_replaced': len(reps)}
+        steps = [{'op': 'replace', 'replacements': reps, 'refused': refused}]
+        if pairs:
+            # inpaint what is left of the replaced nuclei (dilated) at once; labelled pixels (every other nucleus, the
+            # rare ones just placed) are protected
+            labelled = c.code > 0
+            hole = np.zeros((H, W), np.uint8)
+            for i, sl, dil, *_ in pairs: hole[sl] |= dil.astype(np.uint8)
+            hole[labelled] = 0
+            if hole.any():
+                ys, xs = np.nonzero(hole); e = self.inpaint_radius + 1  # inpaint only the box around the holes
+                win = np.s_[max(ys.min() - e, 0):ys.max() + e + 1, max(xs.min() - e, 0):xs.max() + e + 1]
+                c.image[win] = cv2.inpaint(np.ascontiguousarray(img0[win]), np.ascontiguousarray(hole[win]), self.inpaint_radius, cv2.INPAINT_TELEA)
+            mean_nuc = img0[m > 0].astype(np.float32).mean(0)
+            ring_all, rare_all = np.zeros((H, W), bool), np.zeros((H, W), bool)
+            for i, sl, dil, src, rid, rbox, dy, dx in pairs:
+                self._blend_one(c, src, rid, rbox, dy, dx, sl, dil, labelled, mean_nuc, ring_all, rare_all)
+            ring = ring_all & ~rare_all
+            if self.median and ring.any():  # once for all rings, on the final image
+                for ch, r in ((0, 1), (1, 1), (2, 5)): c.image[..., ch][ring] = median_at(c.image[..., ch], ring, _disk(r))
+        out = c.finish(self.name, params, steps=steps, centroids=True)
+        for rp in out.record['steps'][0]['replacements']: rp['id'] = c.final_id(rp['id_before'])
         return out
 
-    def _blend_one(self, c, src, rid, rbox, dy, dx, sl, dil, others, mean_nuc, code, ring_all, rare_all):
+    def _blend_one(self, c, src, rid, rbox, dy, dx, sl, dil, labelled, mean_nuc, ring_all, rare_all):
         "Blend the window around rare nucleus `rid` of `src`, shifted by (dy, dx), over the major's place."
         H, W = c.code.shape; Hs, Ws = src.shape
         # target window: the dilated major's box united with the shifted rare box, inside both images
@@ -650,7 +510,7 @@ class GradMix(Augmentation):
         oy, ox = sl[0].start - y0, sl[1].start - x0  # dil's place in the window (clipped)
         ya, xa = max(oy, 0), max(ox, 0); yb, xb = min(oy + dil.shape[0], rare.shape[0]), min(ox + dil.shape[1], rare.shape[1])
         if yb > ya and xb > xa: region[ya:yb, xa:xb] = dil[ya - oy:yb - oy, xa - ox:xb - ox]
-        ring = (region | rare) & ~rare & ~others[T]
+        ring = (region | rare) & ~rare & ~labelled[T]
         x_src = src.image[S].astype(np.float32)
         x_src[rare] = (1 - self.colour_mix) * x_src[rare] + self.colour_mix * mean_nuc
         d = cv2.distanceTransform((~rare).astype(np.uint8), cv2.DIST_C, 3)
@@ -662,7 +522,6 @@ class GradMix(Augmentation):
         out = np.clip(np.rint(w[..., None] * x_src + (1 - w[..., None]) * x_dst), 0, 255).astype(np.uint8)
         put = rare | ring
         c.image[T][put] = out[put]
-        c.code[T][rare] = code
         ring_all[T] |= ring; rare_all[T] |= rare
 
 # %% ../../nbs/06a_augment.ipynb #c420e64b
@@ -709,7 +568,7 @@ def as_transform(
 def _save(path:Path, a:Augmented):
     s = a.sample
     arrays = {'image': s.image, 'inst_map': s.inst_map, 'record': np.array(json.dumps(a.record)),
-              'meta': np.array(json.dumps(_jsonable({k: v for k, v in s.meta.items() if k != 'augment'}), default=str))}
+              'meta': np.array(json.dumps(jsonable({k: v for k, v in s.meta.items() if k != 'augment'}), default=str))}
     if s.has_types: arrays.update(type_map=s.type_map, inst_types=s.inst_types)
     with atomic_write(path, 'wb') as f: np.savez_compressed(f, **arrays)
 
@@ -734,7 +593,7 @@ def augment_set(
     samples = list(samples); pool = samples if pool is None else list(pool)
     if out_dir is not None:
         out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / 'augment.json', _jsonable({'method': aug.name, 'config': aug.config(), 'seed': seed,
+        atomic_write_json(out_dir / 'augment.json', jsonable({'method': aug.name, 'config': aug.config(), 'seed': seed,
                                                                'n_per_sample': n_per_sample, 'n': len(samples) * n_per_sample}))
     out = []
     for i in range(len(samples) * n_per_sample):

@@ -6,17 +6,17 @@ Docs: https://nucbook.github.io/nucbook/core.html.md"""
 
 # %% ../../nbs/00_core.ipynb #0e45e69a
 from __future__ import annotations
-import contextlib, json, logging, os, random, subprocess, sys, tempfile, time
+import contextlib, errno, json, logging, os, random, shutil, subprocess, sys, tempfile, time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 import numpy as np
 
 # %% auto #0
-__all__ = ['RUN_DIR_ENV', 'get_device', 'seed_everything', 'as_rng', 'atomic_write', 'atomic_write_text', 'atomic_write_json',
-           'timestamp', 'new_run_dir', 'current_run_dir', 'git_commit', 'package_versions', 'environment_info',
-           'get_logger', 'resolve_profile', 'record_params', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'load_checkpoint', 'autocast']
+__all__ = ['RUN_DIR_ENV', 'PROFILES', 'get_device', 'seed_everything', 'as_rng', 'atomic_write', 'atomic_write_text',
+           'atomic_write_json', 'timestamp', 'new_run_dir', 'current_run_dir', 'git_commit', 'package_versions',
+           'environment_info', 'get_logger', 'resolve_profile', 'record_params', 'rng_state', 'set_rng_state',
+           'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'autocast']
 
 # %% ../../nbs/00_core.ipynb #d9411469
 def get_device(
@@ -52,6 +52,42 @@ def as_rng(
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 # %% ../../nbs/00_core.ipynb #985b2bb1
+_STARTED = time.time()  # when this module was imported: close to the process's start
+
+def _umask() -> int:
+    "The process umask, read from /proc where possible (`os.umask` can only be read by setting it)."
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError): pass
+    m = os.umask(0o022); os.umask(m)
+    return m
+
+def _pid_running(pid:int) -> bool:
+    "True unless process `pid` is known not to exist (always True where it cannot be checked)."
+    if pid == os.getpid() or os.name != 'posix': return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except OSError: return True  # e.g. EPERM: it exists but belongs to someone else
+    return True
+
+def _stale_tmp_files(path:Path) -> list[Path]:
+    "Temporary files of `atomic_write(path)` left by writers that died (see the notes above)."
+    prefix, out = f'.{path.name}.', []
+    try: entries = list(os.scandir(path.parent))
+    except OSError: return []
+    for e in entries:
+        if not (e.name.startswith(prefix) and e.name.endswith('.tmp')): continue
+        parts = e.name[len(prefix):-len('.tmp')].split('.')
+        try:
+            if not e.is_file(follow_symlinks=False): continue
+            if len(parts) == 2 and parts[0].isdigit(): stale = not _pid_running(int(parts[0]))  # .<name>.<pid>.<rnd>.tmp
+            elif len(parts) == 1: stale = e.stat(follow_symlinks=False).st_mtime < _STARTED  # older .<name>.<rnd>.tmp
+            else: stale = False  # the temporary file of another destination (`<name>.<suffix>`)
+        except OSError: continue
+        if stale: out.append(Path(e.path))
+    return out
+
 @contextlib.contextmanager
 def atomic_write(
     path:str|Path, # destination file
@@ -61,8 +97,11 @@ def atomic_write(
     "Context manager yielding a file object whose content replaces `path` only if the block succeeds."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    for p in _stale_tmp_files(path):
+        with contextlib.suppress(OSError): p.unlink()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp')
     try:
+        with contextlib.suppress(OSError): os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': encoding})) as f:
             yield f
             f.flush()
@@ -153,6 +192,8 @@ def get_logger(name:str='nucbook', level:int|str=logging.INFO) -> logging.Logger
     return log
 
 # %% ../../nbs/00_core.ipynb #5912f679
+PROFILES = ('smoke', 'paper')  # the profile names every runnable notebook accepts
+
 def resolve_profile(
     params:dict, # the notebook's parameters; None means "take it from the profile"
     profiles:dict, # {profile_name: {param: value}}
@@ -186,10 +227,36 @@ def set_rng_state(st:dict):
     random.setstate(st['python']); np.random.set_state(st['numpy']); torch.set_rng_state(st['torch'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
+class CheckpointError(OSError, RuntimeError):
+    "A checkpoint that could not be written; the message names the file and the cause."
+
+_NO_SPACE = {errno.ENOSPC: 'no space left on device', errno.EFBIG: 'file too large for the file system',
+             getattr(errno, 'EDQUOT', -1): 'disk quota exceeded'}
+
+def _free_space(folder:Path) -> str:
+    try: return f'{shutil.disk_usage(folder).free / 2**20:.1f} MB free in {folder}'
+    except OSError: return f'free space in {folder} unknown'
+
+def _save_failure(path:Path, e:BaseException) -> str:
+    "Why writing `path` failed, in words."
+    folder = path.parent.resolve()
+    if isinstance(e, OSError) and e.errno in _NO_SPACE: return f'{_NO_SPACE[e.errno]} ({_free_space(folder)})'
+    if isinstance(e, OSError): return f'{e.strerror or e} ({_free_space(folder)})'
+    if 'PytorchStreamWriter' in str(e) or 'file write failed' in str(e):
+        return f'torch could not write the file, most often because there is no space left on device ({_free_space(folder)}): {e}'
+    return f'{type(e).__name__}: {e}'
+
 def save_checkpoint(path:str|Path, state:dict):
-    "Write `state` with `torch.save` atomically (temporary file, fsync, rename)."
+    "Write `state` with `torch.save` atomically (temporary file, fsync, rename); raise `CheckpointError` naming `path` if it fails."
     import torch
-    with atomic_write(path, 'wb') as f: torch.save(state, f)
+    path = Path(path)
+    try:
+        with atomic_write(path, 'wb') as f: torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        err = CheckpointError(f'{path}: cannot write checkpoint: {_save_failure(path, e)}; '
+                              f'{"the previous checkpoint is unchanged" if path.exists() else "nothing was written"}')
+        err.errno = getattr(e, 'errno', None)
+        raise err from e
 
 def load_checkpoint(path:str|Path) -> dict:
     "Read a checkpoint written by `save_checkpoint`."
@@ -205,4 +272,3 @@ def autocast(device, amp:str):
     if amp not in ('off', 'bf16', 'fp16'): raise ValueError(f"amp must be 'auto', 'off', 'bf16' or 'fp16', got {amp!r}")
     if amp == 'off': return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
-

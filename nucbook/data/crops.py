@@ -1,5 +1,5 @@
-"""Cropping that keeps labels valid, random and sliding-window patches with mirror padding, and a torch `Dataset`
-with an augmentation hook.
+"""Cheap crops of valid samples (a slice and an id lookup table), mirror padding that gives mirrored nuclei new ids,
+random training crops, and random or sliding-window patches on one window geometry.
 
 Docs: https://nucbook.github.io/nucbook/patches.html.md"""
 
@@ -7,67 +7,131 @@ Docs: https://nucbook.github.io/nucbook/patches.html.md"""
 
 # %% ../../nbs/03b_patches.ipynb #e30ad840
 from __future__ import annotations
+import os
 import numpy as np
-import torch
 from ..core import as_rng
-from .sample import Sample, make_sample, LabelError
+from .sample import Sample
 
 # %% auto #0
-__all__ = ['DEFAULT_MIN_AREA', 'crop_sample', 'pad_sample', 'random_patches', 'window_starts', 'sliding_window_patches',
-           'random_crop', 'NucleiDataset']
+__all__ = ['DEFAULT_MIN_AREA', 'CHECK_CROPS', 'crop_sample', 'pad_sample', 'pad_to', 'window_starts', 'window_owner',
+           'random_patches', 'sliding_window_patches', 'random_crop']
 
 # %% ../../nbs/03b_patches.ipynb #d29c738b
 DEFAULT_MIN_AREA = 10 # pixels; cut fragments smaller than this are dropped
+CHECK_CROPS = os.environ.get('NUCBOOK_CHECK_CROPS', '0') not in ('', '0') # debugging: validate every crop again
 
-def _areas(inst_map): return np.bincount(inst_map.ravel())
+def _name(sample:Sample) -> str: return str(sample.meta.get('image_id') or sample.meta.get('source') or '(no image_id)')
+
+def _line(m:np.ndarray, i:int, lo:int, hi:int) -> np.ndarray:
+    "Row `i` of `m` over the columns `lo..hi-1`, zeros where that is outside `m`."
+    out = np.zeros(hi - lo, m.dtype)
+    a, b = max(lo, 0), min(hi, m.shape[1])
+    if 0 <= i < m.shape[0] and a < b: out[a - lo:b - lo] = m[i, a:b]
+    return out
+
+def _cut_ids(m:np.ndarray, y0:int, x0:int, h:int, w:int, n:int) -> np.ndarray:
+    "Bool (n + 1,): ids with a pixel on the window's border row/column that touches (8-neighbourhood) one of theirs outside."
+    cut = np.zeros(n + 1, bool); y1, x1 = y0 + h, x0 + w
+    for inner, outer in [(m[y0, x0:x1], _line(m, y0 - 1, x0 - 1, x1 + 1)), (m[y1 - 1, x0:x1], _line(m, y1, x0 - 1, x1 + 1)),
+                         (m[y0:y1, x0], _line(m.T, x0 - 1, y0 - 1, y1 + 1)), (m[y0:y1, x1 - 1], _line(m.T, x1, y0 - 1, y1 + 1))]:
+        for d in range(3): cut[inner[inner == outer[d:d + len(inner)]]] = True # the 3 outside neighbours of each pixel
+    cut[0] = False
+    return cut
 
 def crop_sample(
-    sample:Sample, # the sample to crop
+    sample:Sample, # a valid sample (loaders validate once); it is not validated again
     y0:int, # top row
     x0:int, # left column
     h:int, # crop height
     w:int, # crop width
-    min_area:int=DEFAULT_MIN_AREA, # cut fragments smaller than this are dropped
-    full_areas:np.ndarray|None=None, # `np.bincount(sample.inst_map.ravel())`, to save recomputing it per crop
+    min_area:int=DEFAULT_MIN_AREA, # nuclei cut by the crop border to fewer pixels than this are dropped
+    check:bool|None=None, # validate the crop (debugging); None: `CHECK_CROPS`
 ) -> Sample:
-    "The window `[y0:y0+h, x0:x0+w]` of `sample` (it must lie inside the image) as a valid `Sample`."
+    "The window `[y0:y0+h, x0:x0+w]` (inside the image) of `sample`: slice, drop small cut pieces, renumber ids by a lookup table."
+    if not isinstance(sample, Sample): raise TypeError(f'crop_sample takes a Sample, got {type(sample).__name__}')
     H, W = sample.shape
     if h <= 0 or w <= 0 or y0 < 0 or x0 < 0 or y0 + h > H or x0 + w > W:
-        raise ValueError(f'crop {h}x{w} at (y={y0}, x={x0}) does not fit in the {H}x{W} image '
-                         f'of {sample.meta.get("image_id", "sample")}; pad it first (`pad_sample`)')
-    inst = sample.inst_map[y0:y0 + h, x0:x0 + w]
-    full = _areas(sample.inst_map) if full_areas is None else full_areas
-    part = np.bincount(inst.ravel(), minlength=len(full))
-    drop = (part < full) & (part < min_area); drop[0] = False # only CUT pieces are dropped
-    if drop.any(): inst = np.where(drop[inst], 0, inst)
-    types = None if sample.inst_types is None else dict(enumerate(sample.inst_types.tolist(), start=1))
-    meta = dict(sample.meta); meta['crop'] = (int(y0), int(x0), int(h), int(w))
-    meta['parent'] = sample.meta.get('image_id')
-    return make_sample(sample.image[y0:y0 + h, x0:x0 + w], inst, inst_types=types, meta=meta)
+        raise ValueError(f'crop {h}x{w} at (y={y0}, x={x0}) does not fit in the {H}x{W} image {_name(sample)}; '
+                         'pad it first (`pad_to`)')
+    win = sample.inst_map[y0:y0 + h, x0:x0 + w]
+    part = np.bincount(win.ravel()) # pixels of each id in the window, up to the largest id there
+    keep = part > 0; keep[0] = False
+    if min_area > 1: keep &= ~((part < min_area) & _cut_ids(sample.inst_map, y0, x0, h, w, len(part) - 1))
+    lut = np.cumsum(keep, dtype=np.int32) * keep # old id -> new id, 0 for background and dropped pieces
+    inst, type_map, types = lut[win], None, None
+    if sample.inst_types is not None:
+        tlut = np.zeros(len(part), np.int32); tlut[1:] = sample.inst_types[:len(part) - 1]; tlut *= keep
+        type_map, types = tlut[win], tlut[keep]
+    meta = {**sample.meta, 'crop': (int(y0), int(x0), int(h), int(w)), 'parent': sample.meta.get('image_id')}
+    out = Sample(sample.image[y0:y0 + h, x0:x0 + w].copy(), inst, type_map, types, meta)
+    return out.validate() if (CHECK_CROPS if check is None else check) else out
 
 # %% ../../nbs/03b_patches.ipynb #9773ac8e
 def pad_sample(
-    sample:Sample, # sample to pad
+    sample:Sample, # a valid sample to pad
     pad:int|tuple, # pixels on each side: int, or (top, bottom, left, right)
-    mode:str='reflect', # numpy pad mode for the image ('reflect' = mirror)
+    mode:str='reflect', # numpy pad mode for the image and labels ('reflect' = mirror)
 ) -> Sample:
-    "Mirror-pad image and labels; mirrored nuclei get new ids (same type). `meta['pad']` records (top, bottom, left, right)."
-    t, b, l, r = (pad,) * 4 if np.isscalar(pad) else pad
+    "Mirror-pad image and labels; mirrored nuclei get new ids (same type). `meta['pad']` adds up (top, bottom, left, right)."
+    t, b, l, r = (int(p) for p in ((pad,) * 4 if np.isscalar(pad) else pad))
     H, W = sample.shape
-    if mode == 'reflect' and (max(t, b) >= H or max(l, r) >= W):
-        raise ValueError(f'mirror padding {pad} needs an image larger than the pad, got {H}x{W}')
-    img = np.pad(sample.image, ((t, b), (l, r), (0, 0)), mode=mode)
+    if min(t, b, l, r) < 0: raise ValueError(f'padding must be non-negative, got {pad}')
+    edge = {'reflect': 1, 'symmetric': 0, 'wrap': 0}.get(mode) # these copy the image: at most one copy per side
+    if edge is not None and (max(t, b) > H - edge or max(l, r) > W - edge):
+        raise ValueError(f'{mode} padding {pad} of the {H}x{W} image {_name(sample)} would copy it more than once per side '
+                         '(`pad_to` mirrors repeatedly)')
     n = sample.n_instances
-    inst = np.pad(sample.inst_map, ((t, b), (l, r)), mode=mode).astype(np.int64)
+    raw = np.pad(sample.inst_map, ((t, b), (l, r)), mode=mode).astype(np.int64)
     band_y = np.repeat(np.array([0, 1, 2]), [t, H, b]); band_x = np.repeat(np.array([0, 1, 2]), [l, W, r])
-    region = band_y[:, None] * 3 + band_x[None, :] # 4 = the original image
-    region = np.where(region == 4, 0, np.where(region > 4, region, region + 1)) # original -> 0, others 1..8
-    inst = np.where(inst > 0, inst + region * (n + 1), 0)
-    types = None
+    region = np.array([1, 2, 3, 4, 0, 5, 6, 7, 8])[band_y[:, None] * 3 + band_x[None, :]] # the original image -> 0
+    raw = np.where(raw > 0, raw + region * (n + 1), 0) # nucleus k mirrored into region g: k + g (n + 1)
+    keep = np.bincount(raw.ravel(), minlength=9 * (n + 1)) > 0; keep[0] = False
+    lut = np.cumsum(keep, dtype=np.int32) # every id in `raw` is present: renumbered 1..N in order
+    inst, type_map, types = lut[raw], None, None
     if sample.inst_types is not None:
-        types = {k + rg * (n + 1): int(sample.inst_types[k - 1]) for rg in range(9) for k in range(1, n + 1)}
-    meta = dict(sample.meta); meta['pad'] = (int(t), int(b), int(l), int(r))
-    return make_sample(img, inst, inst_types=types, meta=meta)
+        tlut = np.tile(np.concatenate([[0], sample.inst_types]).astype(np.int32), 9) # id k + g (n + 1) -> type of k
+        type_map, types = tlut[raw], tlut[keep]
+    p0 = sample.meta.get('pad', (0, 0, 0, 0))
+    meta = {**sample.meta, 'pad': (p0[0] + t, p0[1] + b, p0[2] + l, p0[3] + r)}
+    return Sample(np.pad(sample.image, ((t, b), (l, r), (0, 0)), mode=mode), inst, type_map, types, meta)
+
+def pad_to(
+    sample:Sample, # a valid sample
+    h:int, # minimum height
+    w:int, # minimum width
+) -> Sample:
+    "`sample` mirror-padded (centred, by `pad_sample`) to at least `h` x `w`; returned as is when it is large enough."
+    H, W = sample.shape
+    if (H < h and H < 2) or (W < w and W < 2):
+        raise ValueError(f'cannot mirror-pad the {H}x{W} image {_name(sample)} to {h}x{w}: a 1-pixel side has nothing to mirror')
+    while H < h or W < w: # one reflection adds at most side - 1 pixels on each side
+        dy, dx = max(0, h - H), max(0, w - W)
+        t, l = min(dy // 2, H - 1), min(dx // 2, W - 1)
+        sample = pad_sample(sample, (t, min(dy - t, H - 1), l, min(dx - l, W - 1))); H, W = sample.shape
+    return sample
+
+# %% ../../nbs/03b_patches.ipynb #cbaeeb11
+def window_starts(
+    length:int, # image side (after any padding)
+    window:int, # window side, at most `length`
+    overlap:int=0, # minimum overlap of neighbouring windows, in [0, window)
+) -> np.ndarray:
+    "Start offsets of the windows covering `0..length-1`, stride `window - overlap`; the last one ends at `length`."
+    if not 0 < window <= length:
+        raise ValueError(f'window {window} must be in [1, {length}], the image side: pad the image or shrink the window')
+    if not 0 <= overlap < window: raise ValueError(f'overlap must be in [0, window), got {overlap} for window {window}')
+    return np.unique(np.r_[np.arange(0, length - window, window - overlap), length - window])
+
+def window_owner(
+    length:int, # image side (after any padding)
+    starts:np.ndarray, # window starts from `window_starts`
+    window:int, # window side
+) -> np.ndarray:
+    "For each position, the index of the window whose centre is nearest (among windows containing it)."
+    pos = np.arange(length)[:, None]; s = np.asarray(starts)[None]
+    inside = (pos >= s) & (pos < s + window)
+    dist = np.where(inside, np.abs(pos + 0.5 - (s + window / 2)), np.inf)
+    return dist.argmin(1)
 
 # %% ../../nbs/03b_patches.ipynb #422b4b14
 def random_patches(
@@ -77,94 +141,45 @@ def random_patches(
     rng:np.random.Generator|int|None=None, # randomness (a Generator or a seed)
     min_area:int=DEFAULT_MIN_AREA, # cut fragments smaller than this are dropped
 ) -> list[Sample]:
-    "`n` patches at uniformly random positions (the sample is mirror-padded first if it is smaller than `size`)."
+    "`n` patches at uniformly random positions (mirror-padded first by `pad_to` if the sample is smaller than `size`)."
     rng = as_rng(rng); ph, pw = (size, size) if np.isscalar(size) else size
-    H, W = sample.shape
-    if H < ph or W < pw:
-        dy, dx = max(0, ph - H), max(0, pw - W)
-        sample = pad_sample(sample, (dy // 2, dy - dy // 2, dx // 2, dx - dx // 2)); H, W = sample.shape
-    areas = _areas(sample.inst_map)
+    sample = pad_to(sample, ph, pw); H, W = sample.shape
     ys = rng.integers(0, H - ph + 1, n); xs = rng.integers(0, W - pw + 1, n)
-    return [crop_sample(sample, int(y), int(x), ph, pw, min_area, areas) for y, x in zip(ys, xs)]
-
-def window_starts(
-    length:int, # image side (after padding)
-    size:int, # window side
-    step:int, # stride
-) -> list[int]:
-    "Window starts covering `[0, length)` with stride `step`; the last window is moved back to end at `length`."
-    if size > length: raise ValueError(f'window {size} is larger than the image side {length}')
-    starts = list(range(0, length - size + 1, step))
-    if starts[-1] + size < length: starts.append(length - size)
-    return starts
+    return [crop_sample(sample, int(y), int(x), ph, pw, min_area) for y, x in zip(ys, xs)]
 
 def sliding_window_patches(
     sample:Sample, # source sample
     size:int, # window side
-    step:int|None=None, # stride (default: size, no overlap; smaller steps overlap)
-    pad:int=0, # mirror padding on every side first (e.g. (size - step) // 2, as HoVer-Net)
+    overlap:int=0, # minimum overlap of neighbouring windows (`window_starts`)
+    pad:int=0, # mirror padding on every side first (e.g. overlap // 2, as HoVer-Net)
     min_area:int=DEFAULT_MIN_AREA, # cut fragments smaller than this are dropped
 ) -> list[Sample]:
-    "Overlapping windows covering the (mirror-padded) sample, row by row; `meta['window']` = (y, x) in original pixels."
-    step = step or size
+    "Windows covering the (mirror-padded) sample, row by row; `meta['window']` = (y, x) in original pixels, `meta['own']` = owned part."
     if pad: sample = pad_sample(sample, pad)
     H, W = sample.shape
-    areas = _areas(sample.inst_map); out = []
-    for y in window_starts(H, size, step):
-        for x in window_starts(W, size, step):
-            c = crop_sample(sample, y, x, size, size, min_area, areas)
-            c.meta['window'] = (y - pad, x - pad); out.append(c)
+    sy, sx = window_starts(H, size, overlap), window_starts(W, size, overlap)
+    oy, ox = window_owner(H, sy, size), window_owner(W, sx, size)
+    out = []
+    for i, y in enumerate(sy.tolist()):
+        ry = np.flatnonzero(oy == i) - y
+        for j, x in enumerate(sx.tolist()):
+            rx = np.flatnonzero(ox == j) - x
+            c = crop_sample(sample, y, x, size, size, min_area)
+            c.meta['window'] = (y - pad, x - pad)
+            c.meta['own'] = (int(ry[0]), int(ry[-1]) + 1, int(rx[0]), int(rx[-1]) + 1)
+            out.append(c)
     return out
 
 # %% ../../nbs/03b_patches.ipynb #b622d4ce
 def random_crop(
-    sample:Sample, # a training image
+    sample:Sample, # a valid training image
     size:int, # crop side
-    rng:np.random.Generator, # draws the position
-    min_area:int=0, # nuclei cut to fewer pixels are dropped
+    rng:np.random.Generator|int|None, # draws the position
+    min_area:int=0, # nuclei cut by the crop border to fewer pixels than this are dropped
+    check:bool|None=None, # validate the crop (debugging); None: `CHECK_CROPS`
 ) -> Sample:
-    "A random `size` x `size` crop (padded with white background when the image is smaller)."
-    h, w = sample.shape
-    ph, pw = max(0, size - h), max(0, size - w)
-    img, inst, tmap = sample.image, sample.inst_map, sample.type_map
-    if ph or pw:
-        pad = ((0, ph), (0, pw))
-        img = np.pad(img, pad + ((0, 0),), constant_values=255); inst = np.pad(inst, pad)
-        tmap = None if tmap is None else np.pad(tmap, pad)
-    y = int(rng.integers(0, img.shape[0] - size + 1)); x = int(rng.integers(0, img.shape[1] - size + 1))
-    sl = np.s_[y:y + size, x:x + size]
-    return make_sample(img[sl], inst[sl], type_map=None if tmap is None else tmap[sl],
-                       meta={**sample.meta, 'crop_box': (y, x, size, size)}, min_area=min_area)
-
-
-# %% ../../nbs/03b_patches.ipynb #27835edc
-class NucleiDataset(torch.utils.data.Dataset):
-    "Samples -> (random patch) -> `transform(sample, rng)` -> dict of tensors."
-    def __init__(self,
-                 samples:list[Sample], # the data
-                 patch_size:int|tuple|None=None, # random patch per item; None: whole samples
-                 transform=None, # augmentation hook: `transform(sample, rng) -> sample`
-                 seed:int=0, # base seed of the per-item randomness
-                 min_area:int=DEFAULT_MIN_AREA, # cut fragments smaller than this are dropped from patches
-                ):
-        self.samples, self.patch_size, self.transform, self.seed, self.min_area = list(samples), patch_size, transform, seed, min_area
-        self.epoch = 0
-    def __len__(self): return len(self.samples)
-    def set_epoch(self, epoch:int): self.epoch = int(epoch)
-    def sample(self, i:int) -> Sample:
-        "Item `i` as a `Sample` (after patching and the transform)."
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        s = self.samples[i]
-        if self.patch_size is not None: s = random_patches(s, self.patch_size, 1, rng, self.min_area)[0]
-        else: s = s.copy()
-        if self.transform is not None:
-            s = self.transform(s, rng)
-            if not isinstance(s, Sample): raise TypeError(f'transform must return a Sample, got {type(s).__name__}')
-            s.validate()
-        return s
-    def __getitem__(self, i:int) -> dict:
-        s = self.sample(i)
-        out = {'image': torch.from_numpy(np.ascontiguousarray(s.image.transpose(2, 0, 1))).float() / 255,
-               'inst_map': torch.from_numpy(s.inst_map.astype(np.int64)), 'index': i}
-        if s.type_map is not None: out['type_map'] = torch.from_numpy(s.type_map.astype(np.int64))
-        return out
+    "A random `size` x `size` crop (`crop_sample`), mirror-padded first (`pad_to`) when the image is smaller."
+    rng = as_rng(rng)
+    sample = pad_to(sample, size, size); H, W = sample.shape
+    y = int(rng.integers(0, H - size + 1)); x = int(rng.integers(0, W - size + 1))
+    return crop_sample(sample, y, x, size, size, min_area, check)

@@ -7,10 +7,11 @@ Docs: https://nucbook.github.io/nucbook/data.html.md"""
 
 # %% ../../nbs/03_data.ipynb #61863857
 from __future__ import annotations
-import csv, hashlib, io, json, os, re, xml.etree.ElementTree as ET
+import csv, hashlib, io, json, os, re, warnings, xml.etree.ElementTree as ET
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
+from scipy import ndimage as ndi
 import yaml, jsonschema
 from PIL import Image, UnidentifiedImageError
 import nucbook
@@ -18,13 +19,16 @@ from ..core import atomic_write, get_logger
 from .sample import Sample, LabelError, make_sample, check_inst_map, as_rgb_uint8
 
 # %% auto #0
-__all__ = ['DATA_ENV', 'MANIFEST_ENV', 'CACHE_ENV', 'IMAGE_EXTS', 'LABEL_EXTS', 'LABEL_CACHE_VERSION', 'TCGA_ORGANS',
-           'KUMAR_TRAIN_ORGANS', 'MONUSEG_XY_OFFSET', 'LOADERS', 'data_root', 'manifest_dir', 'manifest_schema',
+__all__ = ['DATA_ENV', 'MANIFEST_ENV', 'CACHE_ENV', 'IMAGE_EXTS', 'LABEL_EXTS', 'TWELVE_BIT_MAX', 'TYPE_MAP_TOLERANCE',
+           'LABEL_CACHE_VERSION', 'MAX_OUTSIDE', 'TCGA_ORGANS', 'KUMAR_TRAIN_ORGANS', 'MONUSEG_XY_OFFSET',
+           'OWN_LABEL_EXTS', 'OWN_CONFIG', 'OWN_CONFIG_KEYS', 'LOADERS', 'data_root', 'manifest_dir', 'manifest_schema',
            'list_datasets', 'validate_manifest', 'load_manifest', 'class_map', 'class_merge', 'rare_types',
-           'apply_merge', 'read_image', 'read_label_map', 'read_hovernet_mat', 'parse_aperio_xml', 'polygon_area',
-           'rasterise_polygons', 'label_cache_dir', 'cached_labels', 'xml_labels', 'rle_indices', 'rle_decode',
-           'rle_encode', 'tcga_organ', 'load_kumar', 'load_monuseg2018', 'load_hovernet_layout', 'load_monusac',
-           'load_tnbc', 'load_cps', 'dsb_mask_labels', 'load_dsb2018', 'load_generic', 'dataset_dir', 'load_dataset']
+           'apply_merge', 'read_image', 'read_label_map', 'compact_ids', 'read_hovernet_mat', 'parse_aperio_xml',
+           'polygon_area', 'rasterise_polygons', 'label_cache_dir', 'cached_labels', 'xml_labels', 'rle_indices',
+           'rle_decode', 'rle_encode', 'tcga_organ', 'load_kumar', 'load_monuseg2018', 'load_hovernet_layout',
+           'load_monusac', 'load_tnbc', 'load_cps', 'dsb_mask_labels', 'load_dsb2018', 'split_binary_mask',
+           'load_generic', 'own_split_dirs', 'resolve_dataset', 'own_folder_config', 'seeded_split', 'load_own_folder',
+           'split_summary', 'mpp_summary', 'save_own_folder', 'dataset_dir', 'load_dataset']
 
 # %% ../../nbs/03_data.ipynb #8903b58b
 DATA_ENV = 'NUCBOOK_DATA'
@@ -41,9 +45,9 @@ def data_root(
     return Path(platformdirs.user_cache_dir('nucbook')) / 'data'
 
 def manifest_dir() -> Path:
-    "Folder with the dataset manifests (`$NUCBOOK_MANIFESTS`, else `data_manifests/` next to the package)."
+    "Folder with the dataset manifests: `$NUCBOOK_MANIFESTS`, else `nucbook/data/manifests/` inside the installed package."
     if os.environ.get(MANIFEST_ENV): return Path(os.environ[MANIFEST_ENV])
-    return Path(nucbook.__file__).resolve().parent.parent / 'data_manifests'
+    return Path(nucbook.__file__).resolve().parent / 'data' / 'manifests'
 
 # %% ../../nbs/03_data.ipynb #afea1311
 def manifest_schema() -> dict:
@@ -125,13 +129,41 @@ def apply_merge(
 # %% ../../nbs/03_data.ipynb #cb1012b5
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 LABEL_EXTS = ('.png', '.tif', '.tiff', '.npy', '.mat')
+TWELVE_BIT_MAX = 4095 # a 16-bit image whose maximum is at most this is read as 12-bit data
+
+def _tiff_info(path:Path) -> tuple[int, int]:
+    "`(full-resolution pages, bits per sample of page 1)` of a TIFF; reduced-resolution pages (thumbnails, pyramid levels) are not counted."
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as t:
+            pages = [p for p in t.pages if not getattr(p, 'is_reduced', False)]
+            return len(pages), int(getattr(t.pages[0], 'bitspersample', 8) or 8)
+    except Exception: return 1, 8 # not parseable as TIFF: the reader below names the problem
+
+def _tiff_page0(path:Path) -> np.ndarray|None:
+    "The first page of a TIFF at its stored depth and sign, or None where tifffile cannot decode it (e.g. LZW without imagecodecs)."
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as t: return t.pages[0].asarray()
+    except Exception: return None
+
+def _single_page(path:Path, what:str) -> int:
+    "Refuse a multi-page TIFF (nucbook would read only its first page); return its bits per sample."
+    n, bits = _tiff_info(path)
+    if n > 1:
+        raise LabelError(f'{path}: TIFF has {n} pages; expected one {what} per file (only page 1 would be read): '
+                         'save each page as its own file')
+    return bits
 
 def read_image(
     path:str|Path, # image file (PNG, JPEG, TIFF, BMP, or .npy)
 ) -> np.ndarray:
-    "RGB uint8 image from `path`; a missing, corrupt or truncated file raises an error naming it."
+    """RGB uint8 image from `path`; a missing, corrupt or truncated file, or a multi-page TIFF, raises an error naming
+    it; 16-bit data whose maximum is <= 4095 is taken as 12-bit and scaled by 255/4095, with a warning."""
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'{path}: image file not found')
+    tiff = path.suffix.lower() in ('.tif', '.tiff')
+    bits = _single_page(path, 'image') if tiff else 8
     try:
         if path.suffix == '.npy': a = np.load(path, allow_pickle=False)
         else:
@@ -139,44 +171,110 @@ def read_image(
                 im.load()
                 a = np.asarray(im.convert('RGB') if im.mode in ('P', 'PA', 'CMYK', 'YCbCr', 'LA', '1') else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise LabelError(f'{path}: cannot read image (corrupt or truncated file?): {e}') from None
+        a = _tiff_page0(path) if tiff else None # e.g. 16-bit RGB or float TIFFs Pillow does not decode
+        if a is None: raise LabelError(f'{path}: cannot read image (corrupt or truncated file?): {e}') from None
+    if tiff and bits > 8 and a.dtype == np.uint8: # Pillow reduced 16-bit samples to 8 bits: read them as stored
+        full = _tiff_page0(path)
+        if full is not None: a = full
+        else: warnings.warn(f'{path}: {bits}-bit TIFF whose samples tifffile cannot decode (compression needs imagecodecs): '
+                            f'read reduced to 8 bits by Pillow (maximum {int(a.max())}; 12-bit data would look nearly black)',
+                            stacklevel=2)
+    if a.dtype == np.uint16 and 0 < a.max() <= TWELVE_BIT_MAX:
+        warnings.warn(f'{path}: 16-bit image with maximum {int(a.max())} <= {TWELVE_BIT_MAX}: read as 12-bit data and '
+                      f'scaled by 255/{TWELVE_BIT_MAX} (scaled by 255/65535 it would load nearly black); '
+                      'save it as 8-bit to silence this', stacklevel=2)
+        a = np.round(a.astype(np.float32) * (255 / TWELVE_BIT_MAX)).astype(np.uint8)
     return as_rgb_uint8(a, path)
 
 def read_label_map(
-    path:str|Path, # 8/16/32-bit PNG or TIFF, .npy, or HoVer-Net .mat (its `inst_map`)
+    path:str|Path, # 8/16-bit PNG, 8- to 64-bit TIFF, .npy, or HoVer-Net .mat (its `inst_map`)
     shape:tuple|None=None, # expected (H, W), usually the image's
 ) -> np.ndarray:
-    "Integer label map from `path` (ids as stored); float, negative or wrongly sized maps raise `LabelError`."
+    """Integer label map from `path` (ids as stored, TIFFs at their stored depth and sign); float, negative,
+    multi-page, colour or wrongly sized maps raise `LabelError`."""
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'{path}: label file not found')
     if path.suffix == '.mat': return read_hovernet_mat(path, shape)['inst_map']
-    try:
-        if path.suffix == '.npy': a = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as im:
-                im.load(); a = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if path.suffix in ('.tif', '.tiff'):
-            try:
-                import tifffile; a = tifffile.imread(path)
-            except Exception: raise LabelError(f'{path}: cannot read label map: {e}') from None
-        else: raise LabelError(f'{path}: cannot read label map (corrupt or truncated file?): {e}') from None
+    tiff = path.suffix.lower() in ('.tif', '.tiff')
+    a = None
+    if tiff:
+        _single_page(path, 'label map')
+        a = _tiff_page0(path) # exact dtype: Pillow reads an unsigned 32-bit TIFF as signed (ids >= 2**31 turn negative)
+    if a is None:
+        try:
+            if path.suffix == '.npy': a = np.load(path, allow_pickle=False)
+            else:
+                with Image.open(path) as im:
+                    im.load(); a = np.asarray(im)
+                    if tiff and im.mode == 'I' and im.tag_v2.get(339, 1) in (1, (1,)): a = a.view(np.uint32) # unsigned as stored
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise LabelError(f'{path}: cannot read label map (corrupt or truncated file?): {e}') from None
     if a.ndim == 3 and a.shape[2] in (3, 4) and path.suffix != '.npy':
         raise LabelError(f'{path}: label map is a colour image ({a.shape}); expected a single-channel integer map')
     return check_inst_map(a, shape, path)
 
+# %% ../../nbs/03_data.ipynb #b390722c
+def compact_ids(
+    inst:np.ndarray, # integer label map, ids as stored (any integer dtype, gaps allowed)
+    types:dict|None=None, # {stored id: type}, or None
+) -> tuple[np.ndarray, dict|None, np.ndarray]:
+    """`(int32 map with ids 1..N, {new id: type} or None, stored ids)`: renumbered by the unique stored ids in ascending
+    order BEFORE any narrowing cast, so ids above 2**31-1 stay distinct."""
+    a = np.asarray(inst)
+    ids, inv = np.unique(a, return_inverse=True)
+    fg = ids > 0
+    new = np.cumsum(fg).astype(np.int32) # 0 for the background, 1..N for the stored ids in order
+    out = new[inv.reshape(a.shape)]
+    stored = ids[fg]
+    return out, None if types is None else {int(k): types[int(i)] for k, i in enumerate(stored.tolist(), 1) if int(i) in types}, stored
+
 # %% ../../nbs/03_data.ipynb #036b5497
+TYPE_MAP_TOLERANCE = 0.02 # share of instances whose type_map majority may differ from inst_type (with a warning)
+
 def _integral(a, key, path):
     a = np.asarray(a)
-    if np.issubdtype(a.dtype, np.floating):
+    if a.dtype.kind not in 'biuf':
+        what = {'U': 'strings', 'S': 'strings', 'O': 'a cell array or struct', 'c': 'complex numbers'}.get(a.dtype.kind, 'non-numeric data')
+        raise LabelError(f'{path}: {key} holds {what} (dtype {a.dtype}); expected integer ids')
+    if a.dtype.kind == 'f':
         if not np.isfinite(a).all() or (a != np.round(a)).any():
             raise LabelError(f'{path}: {key} is a float map with non-integer values; expected integer ids')
         a = a.astype(np.int64)
     return a
 
+def _inst_type_rows(t, ids, path):
+    "{id: type} from HoVer-Net's `inst_type` rows (convention above)."
+    if t.ndim > 2 or (t.ndim == 2 and min(t.shape) > 1):
+        raise LabelError(f'{path}: inst_type has shape {t.shape}; expected N x 1 (one row per instance)')
+    t = t.ravel(); n, top = len(ids), int(ids.max(initial=0))
+    if (t < 0).any(): raise LabelError(f'{path}: inst_type has negative values')
+    if len(t) == n: return dict(zip(ids.tolist(), t.tolist())) # the convention: one row per instance, ascending ids
+    if len(t) == top:
+        warnings.warn(f'{path}: inst_type has {len(t)} rows for {n} instances with max id {top}: read as one row per id '
+                      f'1..{top} (the {top - n} rows of ids absent from inst_map are ignored)', stacklevel=3)
+        return {int(i): int(t[i - 1]) for i in ids}
+    raise LabelError(f'{path}: inst_type has {len(t)} rows for {n} instances (max id {top}); expected one row per '
+                     f'instance in ascending id order ({n} rows)')
+
+def _check_type_map(inst, type_map, types, path, tolerance):
+    "Refuse (or warn about) instances whose majority `type_map` class differs from their `inst_type`."
+    if type_map is None or types is None or not type_map.any(): return
+    from nucbook.data.sample import to_inst_map, types_from_type_map
+    cm, ids = to_inst_map(inst, source=path)
+    maj = types_from_type_map(cm, type_map)
+    want = np.array([types[int(i)] for i in ids], np.int64)
+    bad = np.flatnonzero(maj != want)
+    if not len(bad): return
+    show = ', '.join(f'{int(ids[b])} ({int(want[b])} vs {int(maj[b])})' for b in bad[:10]) + (', ...' if len(bad) > 10 else '')
+    msg = (f'{path}: type_map and inst_type disagree for {len(bad)} of {len(ids)} instances, ids (inst_type vs '
+           f'type_map majority): {show}')
+    if len(bad) > tolerance * len(ids): raise LabelError(f'{msg}; more than the tolerance of {tolerance:.0%}')
+    warnings.warn(f'{msg}; within the tolerance of {tolerance:.0%}: inst_type used', stacklevel=3)
+
 def read_hovernet_mat(
     path:str|Path, # HoVer-Net-style .mat file
     shape:tuple|None=None, # expected (H, W)
+    type_tolerance:float=TYPE_MAP_TOLERANCE, # share of instances whose type_map may disagree with inst_type (warning)
 ) -> dict:
     "`{'inst_map', 'inst_types' ({original id: type} or None), 'type_map' (or None)}` from a HoVer-Net `.mat`."
     import scipy.io as sio
@@ -190,46 +288,71 @@ def read_hovernet_mat(
     if 'type_map' in m: type_map = check_inst_map(_integral(m['type_map'], 'type_map', path), inst.shape, path)
     types = None
     if 'inst_type' in m:
-        t = _integral(m['inst_type'], 'inst_type', path).ravel()
         ids = np.unique(inst); ids = ids[ids > 0]
-        if len(t) == len(ids): types = dict(zip(ids.tolist(), t.tolist()))
-        elif len(ids) and len(t) >= ids.max(): types = {int(i): int(t[i - 1]) for i in ids}
-        else: raise LabelError(f'{path}: inst_type has {len(t)} rows for {len(ids)} instances (max id {ids.max(initial=0)})')
-        if (t < 0).any(): raise LabelError(f'{path}: inst_type has negative values')
+        types = _inst_type_rows(_integral(m['inst_type'], 'inst_type', path), ids, path)
+        _check_type_map(inst, type_map, types, path, type_tolerance)
     return {'inst_map': inst, 'inst_types': types, 'type_map': type_map}
 
 # %% ../../nbs/03_data.ipynb #cce290e9
-def parse_aperio_xml(
-    path:str|Path, # Aperio ImageScope .xml
-) -> tuple[list[tuple[str|None, np.ndarray]], float|None]:
-    "Regions as `(class name or None, (K, 2) float array of x, y)` in file order, and the file's microns per pixel."
-    path = Path(path)
+def _region_name(reg_id, k:int) -> str:
+    "How every message names a region: its XML Id and its 1-based position in the file."
+    return f'region Id {reg_id} (#{k})' if reg_id not in (None, '') else f'region #{k} (no Id)'
+
+def _mpp_value(raw:str|None, path) -> float|None:
+    "`MicronsPerPixel` as a positive float; None (with a warning naming the file and the attribute) if it is not one."
+    if raw is None or not str(raw).strip(): return None
+    try: v = float(raw)
+    except ValueError: v = float('nan')
+    if not (np.isfinite(v) and v > 0):
+        warnings.warn(f'{path}: attribute MicronsPerPixel={raw!r} is not a positive number; mpp set to None (unknown)',
+                      stacklevel=3)
+        return None
+    return v
+
+def _parse_aperio(path:Path) -> tuple[list[tuple[str|None, np.ndarray, str]], str|None]:
     if not path.exists(): raise FileNotFoundError(f'{path}: annotation file not found')
     try: root = ET.parse(path).getroot()
     except ET.ParseError as e: raise LabelError(f'{path}: XML does not parse: {e}') from None
     if root.tag != 'Annotations': raise LabelError(f'{path}: not an Aperio annotation file (root <{root.tag}>)')
-    mpp = root.get('MicronsPerPixel'); mpp = float(mpp) if mpp not in (None, '') else None
-    out = []
+    out, k = [], 0
     for ann in root.iter('Annotation'):
         attr = ann.find('Attributes/Attribute')
         cls = attr.get('Name') if attr is not None else None
         for reg in ann.iter('Region'):
+            k += 1; name = _region_name(reg.get('Id'), k)
             try: xy = np.array([(float(v.get('X')), float(v.get('Y'))) for v in reg.iter('Vertex')], float).reshape(-1, 2)
             except (TypeError, ValueError):
-                raise LabelError(f'{path}: region {reg.get("Id")} has a vertex without numeric X/Y') from None
-            out.append((cls, xy))
-    return out, mpp
+                raise LabelError(f'{path}: {name} has a vertex without numeric X/Y') from None
+            out.append((cls, xy, name))
+    return out, root.get('MicronsPerPixel')
+
+def parse_aperio_xml(
+    path:str|Path, # Aperio ImageScope .xml
+    names:bool=False, # also return each region's name for messages ('region Id 7 (#3)')
+) -> tuple[list[tuple], float|None]:
+    """Regions as `(class name or None, (K, 2) float array of x, y)` (plus the region's name with `names=True`) in file
+    order, and the file's microns per pixel (None when absent or not a positive number, with a warning)."""
+    path = Path(path)
+    regions, raw = _parse_aperio(path)
+    return [r if names else r[:2] for r in regions], _mpp_value(raw, path)
 
 def polygon_area(xy:np.ndarray) -> float:
     "Absolute shoelace area of a polygon given as (K, 2) vertices."
     x, y = xy[:, 0], xy[:, 1]
     return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
 
+def _degenerate(xy:np.ndarray) -> bool:
+    return len(set(map(tuple, xy.tolist()))) < 3 or polygon_area(xy) == 0
+
+def _wholly_outside(xy:np.ndarray, h:int, w:int) -> bool:
+    return bool(xy[:, 0].max() < 0 or xy[:, 1].max() < 0 or xy[:, 0].min() > w - 1 or xy[:, 1].min() > h - 1)
+
 def rasterise_polygons(
     polygons:list[np.ndarray], # (K, 2) x, y vertex arrays, painted in this order (later wins)
     shape:tuple, # (H, W) of the image
     source:str|Path|None=None, # for error messages
     xy_offset:float=0.0, # added to every coordinate first (-1 for MATLAB-style 1-based coordinates)
+    names:list[str]|None=None, # each polygon's name in messages (default '#1', '#2', ... = position in the list)
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     "Paint polygons into an instance map: `(inst_map int32 1..N, polygon index of each instance, stats)`."
     from skimage.draw import polygon as fill_polygon
@@ -239,10 +362,10 @@ def rasterise_polygons(
     painted = []
     for i, xy in enumerate(polygons):
         xy = np.asarray(xy, float).reshape(-1, 2) + xy_offset
-        if len(set(map(tuple, xy.tolist()))) < 3 or polygon_area(xy) == 0: stats['n_degenerate'] += 1; continue
-        if not np.isfinite(xy).all(): raise LabelError(f'{source}: region {i} has non-finite coordinates')
-        if xy[:, 0].max() < 0 or xy[:, 1].max() < 0 or xy[:, 0].min() > w - 1 or xy[:, 1].min() > h - 1:
-            stats['n_outside'] += 1; continue
+        if not np.isfinite(xy).all():
+            raise LabelError(f'{source}: {names[i] if names else f"region #{i + 1}"} has non-finite coordinates')
+        if _degenerate(xy): stats['n_degenerate'] += 1; continue
+        if _wholly_outside(xy, h, w): stats['n_outside'] += 1; continue
         rr, cc = fill_polygon(xy[:, 1], xy[:, 0], (h, w)) # pixel centres inside; clipped to the image
         if len(rr) == 0: stats['n_empty'] += 1; continue
         if canvas[rr, cc].any(): stats['n_overlapping'] += 1
@@ -266,7 +389,7 @@ def _file_sha256(path:str|Path, chunk:int=1 << 20) -> str:
         for b in iter(lambda: f.read(chunk), b''): h.update(b)
     return h.hexdigest()
 
-LABEL_CACHE_VERSION = 1 # bump when a parser's output changes, so old cache entries are not reused
+LABEL_CACHE_VERSION = 2 # bump when a parser's output changes, so old cache entries are not reused
 
 def label_cache_dir() -> Path:
     "Folder of the parsed-label cache: `$NUCBOOK_CACHE`, else the per-user cache folder (`.../nucbook/labels`)."
@@ -301,6 +424,8 @@ def cached_labels(
     return out
 
 # %% ../../nbs/03_data.ipynb #24c2797e
+MAX_OUTSIDE = 0.05 # share of regions wholly outside the image above which an XML is refused
+
 def xml_labels(
     xml_path:str|Path, # Aperio XML
     shape:tuple, # (H, W) of the image
@@ -308,29 +433,42 @@ def xml_labels(
     ignore_classes:tuple=('Ambiguous',), # annotation classes skipped and counted (`n_ambiguous`)
     xy_offset:float=0.0, # added to the coordinates (-1 for MoNuSeg's 1-based coordinates)
     cache:bool=True, # use the parsed-label cache
+    max_outside:float=MAX_OUTSIDE, # refuse the XML when more than this share of its regions lie wholly outside the image
 ) -> dict:
-    "`{'inst_map', 'inst_types' (or absent), 'mpp', 'stats'}` rasterised from an Aperio XML (rules above)."
-    xml_path = Path(xml_path)
+    """`{'inst_map', 'inst_types' (or absent), 'mpp', 'stats', 'outside'}` rasterised from an Aperio XML (rules and
+    checks above); `outside` names the regions wholly outside the image."""
+    xml_path = Path(xml_path); h, w = shape[:2]
     def compute():
-        regions, mpp = parse_aperio_xml(xml_path)
-        n_amb = 0; polys, cls = [], []
-        for c, xy in regions:
+        regions, mpp_attr = _parse_aperio(xml_path)
+        n_amb = 0; polys, cls, names = [], [], []
+        for c, xy, name in regions:
             if class_ids is not None:
                 if c in ignore_classes: n_amb += 1; continue
                 key = _norm_class(c)
                 if key not in class_ids:
-                    raise LabelError(f'{xml_path}: annotation class {c!r} is not one of {sorted(class_ids)}')
+                    raise LabelError(f'{xml_path}: {name}: annotation class {c!r} is not one of {sorted(class_ids)}')
                 cls.append(class_ids[key])
-            polys.append(xy)
-        inst, idx, stats = rasterise_polygons(polys, shape, xml_path, xy_offset)
+            polys.append(xy); names.append(name)
+        inst, idx, stats = rasterise_polygons(polys, shape, xml_path, xy_offset, names)
         stats['n_regions'] += n_amb; stats['n_ambiguous'] = n_amb
-        out = {'inst_map': inst, 'mpp': mpp, 'stats': stats}
+        out = {'inst_map': inst, 'mpp_attr': mpp_attr, 'stats': stats,
+               'outside': [n for xy, n in zip(polys, names) if not _degenerate(xy + xy_offset) and _wholly_outside(xy + xy_offset, h, w)]}
         if class_ids is not None:
             out['inst_types'] = np.asarray(cls, np.int32)[idx] if len(idx) else np.zeros(0, np.int32)
             out['stats']['regions_per_class'] = {k: int(sum(1 for c in cls if c == v)) for k, v in class_ids.items()}
         return out
-    return cached_labels([xml_path], dict(kind='aperio_xml', shape=list(shape[:2]), classes=class_ids,
-                                          ignore=list(ignore_classes), offset=xy_offset), compute, cache)
+    r = cached_labels([xml_path], dict(kind='aperio_xml', shape=[h, w], classes=class_ids,
+                                       ignore=list(ignore_classes), offset=xy_offset), compute, cache)
+    r['mpp'] = _mpp_value(r.pop('mpp_attr', None), xml_path)
+    n_out, n = len(r['outside']), r['stats']['n_regions'] - r['stats']['n_ambiguous']
+    if n_out:
+        which = ', '.join(r['outside'][:5]) + (', ...' if n_out > 5 else '')
+        msg = f'{xml_path}: {n_out} of {n} regions ({n_out / n:.1%}) lie wholly outside the {w}x{h} (WxH) image ({which})'
+        if n_out > max_outside * n:
+            raise LabelError(f'{msg}; more than {max_outside:.0%}: is this the annotation of another image, or of this '
+                             'image at another size?')
+        warnings.warn(f'{msg}; they are dropped', stacklevel=2)
+    return r
 
 def _norm_class(name): return (name or '').strip().lower()
 
@@ -487,6 +625,13 @@ def _load_mat_pair(manifest, img_path, label_dir, split, merge, classes=None, **
     image = read_image(img_path)
     mat = _find_one(label_dir, img_path.stem, ('.mat',), 'label file')
     r = read_hovernet_mat(mat, image.shape)
+    classes = classes or manifest.get('classes')
+    if r['type_map'] is not None and manifest.get('classes') and (merge or classes): # pixel classes must be known ones
+        vals = np.unique(r['type_map']); vals = vals[vals > 0].tolist()
+        known = set(merge) if merge else {int(k) for k in classes if int(k) > 0}
+        bad = sorted(v for v in vals if v not in known)
+        if bad: raise LabelError(f'{mat}: type_map has classes {bad} that are not classes of {manifest["name"]} '
+                                 f'({sorted(known)}{" before the merge" if merge else ""})')
     types = r['inst_types']
     if types is None and r['type_map'] is not None and manifest.get('classes'):
         from nucbook.data.sample import types_from_type_map, to_inst_map
@@ -496,13 +641,13 @@ def _load_mat_pair(manifest, img_path, label_dir, split, merge, classes=None, **
     if types is not None and merge:
         vals = apply_merge(np.array(list(types.values()), np.int64), merge, mat)
         types = dict(zip(types.keys(), vals.tolist()))
-    classes = classes or manifest.get('classes')
     if types is not None and classes:
         bad = sorted({v for v in types.values() if str(v) not in classes or v == 0})
         if bad: raise LabelError(f'{mat}: instance types {bad} are not classes of {manifest["name"]} ({classes})')
     if not manifest.get('classes'): types = None
     meta = _meta(manifest, img_path.stem, split, img_path, label_source=str(mat), **meta_kw)
-    return make_sample(image, r['inst_map'], inst_types=types, meta=meta)
+    inst, types, _ = compact_ids(r['inst_map'], types)
+    return make_sample(image, inst, inst_types=types, meta=meta)
 
 def _images_in(folder:Path, exts=IMAGE_EXTS) -> list[Path]:
     if not folder.is_dir(): raise FileNotFoundError(f'{folder}: image folder not found')
@@ -589,7 +734,7 @@ def load_cps(manifest, base, split) -> list[Sample]:
         if folds[p.stem] != want: continue
         image = read_image(p)
         lab = _find_one(base / 'Labels', p.stem, LABEL_EXTS, 'label map')
-        out.append(make_sample(image, read_label_map(lab, image.shape),
+        out.append(make_sample(image, compact_ids(read_label_map(lab, image.shape))[0],
                                meta=_meta(manifest, p.stem, split, p, label_source=str(lab), fold=want)))
     return out
 
@@ -654,34 +799,307 @@ def load_dsb2018(manifest, base, split, labels:str='auto', cache:bool=True) -> l
     return out
 
 # %% ../../nbs/03_data.ipynb #d6d51739
-def load_generic(manifest, base, split, types_csv:str='types.csv') -> list[Sample]:
+OWN_LABEL_EXTS = ('.png', '.tif', '.tiff', '.npy')
+
+def split_binary_mask(
+    inst:np.ndarray, # label map as read from the file
+    source:str|Path|None=None, # the file, named in the warning or error
+    binary:str='split', # 'split': connected components, with a warning; 'error': refuse the file
+) -> tuple[np.ndarray, dict|None]:
+    """A label map that is really a binary mask (one foreground value in several separate regions: 0/255, 0/1, bool)
+    becomes its 4-connected components; returns `(map, stats or None)`. Real instance maps pass unchanged."""
+    if binary not in ('split', 'error'): raise ValueError(f"binary must be 'split' or 'error', got {binary!r}")
+    fg = np.unique(inst); fg = fg[fg > 0]
+    if len(fg) != 1: return inst, None
+    cc, n = ndi.label(np.asarray(inst) > 0)
+    if n < 2: return inst, None
+    msg = (f'{source}: label map is a binary mask (all foreground pixels are {int(fg[0])}, in {n} separate regions), '
+           'not an instance map')
+    if binary == 'error': raise LabelError(f'{msg}; save one id per nucleus (16-bit PNG, TIFF or .npy)')
+    warnings.warn(f'{msg}: split into {n} nuclei by connected components (touching nuclei stay merged; '
+                  'give an instance map for exact labels)', stacklevel=2)
+    return cc.astype(np.int32), {'binary_mask': True, 'value': int(fg[0]), 'n_components': int(n)}
+
+def _read_types_csv(
+    tpath:Path, # the types.csv
+    classes:dict|None=None, # class id -> name (`dataset.yaml`'s `classes`): types must be among them
+) -> dict[str, dict[int, tuple[int, int]]]:
+    """`{image_id: {instance_id: (type, line)}}` from a `types.csv` with columns `image_id,instance_id,type`. Types and
+    ids must be integers > 0; two rows for one nucleus with different types are an error (with the same type, a
+    warning); every error names the file, the line and the problem."""
+    types, dup = {}, []
+    known = None if classes is None else sorted(int(k) for k in classes if int(k) > 0)
+    with open(tpath, newline='') as f:
+        r = csv.DictReader(f)
+        if not {'image_id', 'instance_id', 'type'} <= set(r.fieldnames or []):
+            raise LabelError(f'{tpath}: expected columns image_id,instance_id,type, found {r.fieldnames}')
+        for row in r:
+            n = r.line_num
+            try: i, t = int(row['instance_id']), int(row['type'])
+            except (TypeError, ValueError): raise LabelError(f'{tpath}: line {n}: instance_id and type must be integers') from None
+            img = (row['image_id'] or '').strip()
+            if not img: raise LabelError(f'{tpath}: line {n}: image_id is empty')
+            if i < 1: raise LabelError(f'{tpath}: line {n}: instance id {i}; ids are > 0 (0 is background)')
+            if t < 1: raise LabelError(f'{tpath}: line {n}: type {t}; types are > 0 (0 is background)')
+            if known is not None and t not in known:
+                raise LabelError(f'{tpath}: line {n}: type {t} is not one of the classes {known} of dataset.yaml')
+            prev = types.setdefault(img, {}).get(i)
+            if prev is not None:
+                if prev[0] != t:
+                    raise LabelError(f'{tpath}: line {n}: instance {i} of image {img} has type {t}, but line {prev[1]} '
+                                     f'gives it type {prev[0]}')
+                dup.append((n, prev[1])); continue
+            types[img][i] = (t, n)
+    if dup:
+        warnings.warn(f'{tpath}: {len(dup)} duplicate rows with the same type (line {dup[0][0]} repeats line {dup[0][1]}); '
+                      'each is used once', stacklevel=3)
+    return types
+
+def _check_types_images(types:dict, tpath:Path, stems:set, where:str):
+    "Warn about rows of `types.csv` for images that are not in the dataset (the others load as they are)."
+    bad = sorted((min(line for _, line in rows.values()), img) for img, rows in types.items() if img not in stems)
+    if bad:
+        show = ', '.join(f'line {n}: {img!r}' for n, img in bad[:5]) + (', ...' if len(bad) > 5 else '')
+        warnings.warn(f'{tpath}: rows for {len(bad)} images that are not in {where} are not used ({show})', stacklevel=3)
+
+def _own_images(folder:Path) -> list[Path]:
+    imgs = _images_in(folder, IMAGE_EXTS + ('.npy',))
+    seen = {}
+    for p in imgs:
+        if p.stem in seen: raise LabelError(f'{folder}: images {seen[p.stem].name} and {p.name} share the name {p.stem!r}; keep one')
+        seen[p.stem] = p
+    return imgs
+
+def _own_label(label_dir:Path, stem:str) -> Path:
+    "The one label map of image `stem`; two files (e.g. `a.png` and `a.npy`) are refused, naming both."
+    hits = [label_dir / f'{stem}{e}' for e in OWN_LABEL_EXTS if (label_dir / f'{stem}{e}').exists()]
+    if len(hits) > 1:
+        raise LabelError(f'{label_dir}: label maps {" and ".join(h.name for h in hits)} both belong to image {stem!r}; keep one')
+    return hits[0] if hits else _find_one(label_dir, stem, OWN_LABEL_EXTS, 'label map')
+
+def _own_sample(manifest, img_path:Path, label_dir:Path, split:str, types:dict|None, tpath:Path, binary:str, **meta_kw) -> Sample:
+    "One image of an own-data folder with its label map (and types); ids are renumbered by `compact_ids`."
+    image = read_image(img_path)
+    lab = _own_label(label_dir, img_path.stem)
+    inst, stats = split_binary_mask(read_label_map(lab, image.shape), lab, binary)
+    t = None
+    if types is not None:
+        if stats is not None:
+            raise LabelError(f'{tpath}: gives nucleus types, but {lab} is a binary mask whose nuclei have no ids to type')
+        rows = types.get(img_path.stem, {})
+        ids = np.unique(inst); ids = ids[ids > 0]
+        miss = [int(i) for i in ids if int(i) not in rows]
+        if miss: raise LabelError(f'{tpath}: no type for instances {miss[:5]} of image {img_path.stem}')
+        present = set(ids.tolist())
+        extra = sorted((line, i) for i, (_, line) in rows.items() if i not in present)
+        if extra:
+            show = ', '.join(f'line {n}: instance {i}' for n, i in extra[:5]) + (', ...' if len(extra) > 5 else '')
+            raise LabelError(f'{tpath}: rows for {len(extra)} instances of image {img_path.stem} that are not in {lab} ({show})')
+        t = {i: v for i, (v, _) in rows.items()}
+    inst, t, _ = compact_ids(inst, t) # before any cast to int32: ids above 2**31-1 stay distinct
+    meta = _meta(manifest, img_path.stem, split, img_path, label_source=str(lab), label_stats=stats, **meta_kw)
+    return make_sample(image, inst, inst_types=t, meta=meta)
+
+def load_generic(
+    manifest:dict, # the generic manifest (or an own folder's, see `load_own_folder`)
+    base:Path, # the dataset folder
+    split:str, # a split sub-folder, or 'all' for a flat folder
+    types_csv:str='types.csv', # per-instance types file, in the split folder or (for every split) in `base`
+    binary:str='split', # label maps that are binary masks: 'split' (connected components, warning) or 'error'
+) -> list[Sample]:
     """A user's own data: `[<split>/]images/<id>.<png|jpg|tif>` + `[<split>/]labels/<id>.<png|tif|npy>` (integer
-    instance maps: 16-bit PNG, TIFF or .npy) and optional `[<split>/]types.csv` (`image_id,instance_id,type`)."""
+    instance maps: 16-bit PNG, TIFF or .npy) and optional `[<split>/]types.csv` (`image_id,instance_id,type`).
+    Two images or two label maps with one name, and `types.csv` rows for missing images or nuclei, are errors."""
     d = base / split if split != 'all' else base
     if split != 'all' and not d.is_dir(): raise FileNotFoundError(f'{d}: split folder not found')
-    types = {}
     tpath = d / types_csv
+    if not tpath.exists() and (base / types_csv).exists(): tpath = base / types_csv
+    imgs = _own_images(d / 'images')
+    types = None
     if tpath.exists():
-        with open(tpath, newline='') as f:
-            r = csv.DictReader(f)
-            if not {'image_id', 'instance_id', 'type'} <= set(r.fieldnames or []):
-                raise LabelError(f'{tpath}: expected columns image_id,instance_id,type, found {r.fieldnames}')
-            for n, row in enumerate(r, 2):
-                try: types.setdefault(row['image_id'], {})[int(row['instance_id'])] = int(row['type'])
-                except ValueError: raise LabelError(f'{tpath}: line {n}: instance_id and type must be integers') from None
-    out = []
-    for p in _images_in(d / 'images', IMAGE_EXTS + ('.npy',)):
-        image = read_image(p)
-        lab = _find_one(d / 'labels', p.stem, ('.png', '.tif', '.tiff', '.npy'), 'label map')
-        inst = read_label_map(lab, image.shape)
-        t = None
-        if tpath.exists():
-            t = types.get(p.stem, {})
-            ids = np.unique(inst); ids = ids[ids > 0]
-            miss = [int(i) for i in ids if int(i) not in t]
-            if miss: raise LabelError(f'{tpath}: no type for instances {miss[:5]} of image {p.stem}')
-        out.append(make_sample(image, inst, inst_types=t, meta=_meta(manifest, p.stem, split, p, label_source=str(lab))))
+        types = _read_types_csv(tpath, manifest.get('classes'))
+        if tpath.parent == d: _check_types_images(types, tpath, {p.stem for p in imgs}, d / 'images')
+        else: # one types.csv at the top serves every split folder
+            stems = {p.stem for s in own_split_dirs(base) for p in _own_images(base / s / 'images')}
+            _check_types_images(types, tpath, stems, f'any split folder of {base}')
+    return [_own_sample(manifest, p, d / 'labels', split, types, tpath, binary) for p in imgs]
+
+# %% ../../nbs/03_data.ipynb #616c97b9
+OWN_CONFIG = 'dataset.yaml'
+OWN_CONFIG_KEYS = ('name', 'mpp', 'magnification', 'classes', 'description')
+
+def _looks_like_path(ref) -> bool:
+    s = str(ref)
+    return isinstance(ref, Path) or '/' in s or os.sep in s or s.startswith(('.', '~'))
+
+def _is_folder_ref(ref) -> bool:
+    "True if `ref` names a folder rather than a registered dataset."
+    if _looks_like_path(ref): return True
+    return not (manifest_dir() / f'{ref}.yaml').exists() and ref != 'synthetic' and Path(str(ref)).is_dir()
+
+def own_split_dirs(
+    path:str|Path, # an own-data folder
+) -> list[str]:
+    "Split sub-folders of an own-data folder (those holding `images/`), sorted; `[]` for a flat folder."
+    p = Path(path)
+    if not p.is_dir(): raise FileNotFoundError(f'{p}: dataset folder not found')
+    subs = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / 'images').is_dir())
+    if subs and (p / 'images').is_dir():
+        raise ValueError(f'{p}: has both images/ and split folders ({", ".join(subs)}); keep one layout')
+    if not subs and not (p / 'images').is_dir():
+        raise FileNotFoundError(f'{p / "images"}: image folder not found (own-data layout: images/ + labels/, '
+                                'or train/images/ + train/labels/, test/..., val/...)')
+    return subs
+
+def resolve_dataset(
+    dataset:str|Path, # 'synthetic', a registered name (`list_datasets()`), or the path of a folder in the own-data layout
+) -> tuple[str, str]:
+    "`('synthetic', 'synthetic')`, `('manifest', name)` or `('folder', absolute path)`; anything else raises, naming it."
+    s = str(dataset)
+    if s == 'synthetic': return 'synthetic', 'synthetic'
+    if not _is_folder_ref(dataset):
+        if s == 'generic': raise ValueError("'generic' is the format of your own data, not a dataset: pass the folder's path")
+        if (manifest_dir() / f'{s}.yaml').exists(): return 'manifest', s
+        raise KeyError(f'no manifest for dataset {s!r} and no folder {Path(s).resolve()}; '
+                       f'known: {", ".join(list_datasets())}, or the path of a folder with images/ + labels/')
+    p = Path(s).expanduser().resolve()
+    if not p.exists(): raise FileNotFoundError(f'{p}: dataset folder not found (relative paths start at {Path.cwd()})')
+    if not p.is_dir(): raise NotADirectoryError(f'{p}: a dataset is a folder (images/ + labels/), not a file')
+    own_split_dirs(p) # checks the layout
+    return 'folder', str(p)
+
+def _positive(v, what:str, source) -> float:
+    try: f = float(v)
+    except (TypeError, ValueError): f = float('nan')
+    if not f > 0 or isinstance(v, bool): raise ValueError(f'{source}: {what} must be a positive number, got {v!r}')
+    return f
+
+def own_folder_config(
+    path:str|Path, # an own-data folder
+) -> dict:
+    "Settings of an own-data folder from its optional `dataset.yaml` (name, mpp, magnification, classes, description)."
+    f = Path(path) / OWN_CONFIG
+    if not f.exists(): return {}
+    try: c = yaml.safe_load(f.read_text()) or {}
+    except yaml.YAMLError as e: raise ValueError(f'{f}: not valid YAML: {e}') from None
+    if not isinstance(c, dict): raise ValueError(f'{f}: expected a mapping such as `mpp: 0.25`')
+    bad = sorted(set(c) - set(OWN_CONFIG_KEYS))
+    if bad: raise ValueError(f'{f}: unknown keys {bad}; allowed: {", ".join(OWN_CONFIG_KEYS)}')
+    for k in ('mpp', 'magnification'):
+        if c.get(k) is not None: c[k] = _positive(c[k], k, f)
+    if c.get('classes') is not None:
+        try: cl = {int(k): str(v) for k, v in dict(c['classes']).items()}
+        except (TypeError, ValueError): raise ValueError(f'{f}: classes must map integer ids to names') from None
+        if any(k < 0 for k in cl): raise ValueError(f'{f}: class ids must be >= 0')
+        c['classes'] = {0: cl.pop(0, 'background'), **dict(sorted(cl.items()))}
+    return c
+
+# %% ../../nbs/03_data.ipynb #4400c23a
+def _share_count(n:int, share:float) -> int:
+    "Images a share of `n` asks for: round half up, at least one when the share is > 0."
+    return 0 if share == 0 else max(1, int(np.floor(n * share + 0.5)))
+
+def seeded_split(
+    stems:list[str], # image names (stems) of a flat folder, in any order
+    test_share:float=0.25, # share of the images for testing
+    val_share:float=0.0, # share of the images for validation
+    seed:int=0, # seed of the shuffle
+) -> dict[str, list[str]]:
+    """`{'train': [...], ['val': [...],] 'test': [...]}`: names sorted, shuffled with `seed`; the first
+    `round(n * test_share)` test, the next `round(n * val_share)` validation, the rest train; each list sorted."""
+    for name, share in (('test_share', test_share), ('val_share', val_share)):
+        if not 0 <= share < 1: raise ValueError(f'{name} must be in [0, 1), got {share}')
+    stems = sorted(set(map(str, stems)))
+    n = len(stems); n_test, n_val = _share_count(n, test_share), _share_count(n, val_share)
+    if n_test + n_val >= n:
+        raise ValueError(f'{n} images cannot give {n_test} test and {n_val} validation images and still leave one to train on')
+    order = [stems[i] for i in np.random.default_rng(seed).permutation(n)]
+    out = {'train': sorted(order[n_test + n_val:])}
+    if val_share > 0: out['val'] = sorted(order[n_test:n_test + n_val])
+    out['test'] = sorted(order[:n_test])
     return out
+
+# %% ../../nbs/03_data.ipynb #9816db35
+def load_own_folder(
+    path:str|Path, # folder in the own-data layout (see above)
+    test_share:float=0.25, # without split folders: share of the images for testing
+    val_share:float=0.0, # without split folders: share of the images for validation
+    seed:int=0, # without split folders: seed of the split
+    mpp:float|None=None, # µm per pixel of every image (default: `dataset.yaml`'s `mpp`, else None = unknown)
+    binary:str='split', # label maps that are binary masks: 'split' (connected components, warning) or 'error'
+    types_csv:str='types.csv', # per-instance types file name
+) -> dict[str, list[Sample]]:
+    """`{split: [Sample, ...]}` of an own-data folder: its split folders, or a `seeded_split` of a flat folder. Every
+    sample's meta has `dataset` (the folder's or `dataset.yaml`'s name), `split`, `split_method`, `mpp`, `source`."""
+    p = Path(path).expanduser().resolve()
+    subs = own_split_dirs(p)
+    cfg = own_folder_config(p)
+    mpp = _positive(mpp, 'mpp', 'load_own_folder') if mpp is not None else cfg.get('mpp')
+    classes = cfg.get('classes')
+    m = {**load_manifest('generic'), 'name': cfg.get('name') or p.name, 'mpp': mpp,
+         'magnification': cfg.get('magnification'), 'classes': None if classes is None else {str(k): v for k, v in classes.items()}}
+    if subs:
+        out = {s: load_generic(m, p, s, types_csv, binary) for s in subs}
+        for s in sum(out.values(), []): s.meta['split_method'] = 'folders'
+        return out
+    imgs = {q.stem: q for q in _own_images(p / 'images')}
+    if not imgs: raise FileNotFoundError(f'{p / "images"}: no images (png, jpg, tif, bmp or npy)')
+    tpath = p / types_csv
+    types = None
+    if tpath.exists():
+        types = _read_types_csv(tpath, m['classes'])
+        _check_types_images(types, tpath, set(imgs), p / 'images')
+    return {s: [_own_sample(m, imgs[k], p / 'labels', s, types, tpath, binary, split_method='seeded', split_seed=seed)
+                for k in stems] for s, stems in seeded_split(list(imgs), test_share, val_share, seed).items()}
+
+def split_summary(
+    splits:dict, # {split: [Sample, ...]}
+) -> dict:
+    "Per split: number of images, of nuclei, the image ids, and the images per group where samples have `meta['group']`."
+    out = {}
+    for k, v in splits.items():
+        d = {'images': len(v), 'nuclei': int(sum(s.n_instances for s in v)),
+             'image_ids': [str(s.meta.get('image_id', i)) for i, s in enumerate(v)]}
+        groups = [s.meta.get('group') for s in v if s.meta.get('group') is not None]
+        if groups: d['groups'] = {g: groups.count(g) for g in sorted(set(groups))}
+        out[k] = d
+    return out
+
+def mpp_summary(
+    samples:list, # Samples (of one or several splits)
+    rtol:float=0.05, # values this close (relative) count as one magnification
+) -> dict:
+    """`{'mpp': one value (median) or None, 'values': distinct values, 'n_unknown': images without one, 'uniform': bool}`;
+    `uniform` is False when some image has no mpp or the values differ by more than `rtol`."""
+    vals = [s.meta.get('mpp') for s in samples]
+    known = [float(v) for v in vals if v is not None]
+    n_unknown = len(vals) - len(known)
+    uniform = bool(known) and not n_unknown and max(known) <= min(known) * (1 + rtol)
+    return {'mpp': float(np.median(known)) if uniform else None, 'values': sorted({round(v, 5) for v in known}),
+            'n_unknown': n_unknown, 'uniform': uniform}
+
+# %% ../../nbs/03_data.ipynb #3ff3fc05
+def save_own_folder(
+    samples:list, # Samples to write
+    path:str|Path, # the dataset folder (created if missing)
+    split:str|None=None, # write into `path/<split>/` (None: flat, `path/images/` + `path/labels/`)
+    types:bool=True, # write `types.csv` when every sample is typed
+) -> Path:
+    "Write samples in the own-data layout (PNG images, 16-bit PNG or .npy instance maps, types.csv): the inverse of `load_own_folder`."
+    d = Path(path) / split if split else Path(path)
+    (d / 'images').mkdir(parents=True, exist_ok=True); (d / 'labels').mkdir(exist_ok=True)
+    rows, names = [], set()
+    typed = types and all(s.has_types for s in samples)
+    for k, s in enumerate(samples):
+        name = re.sub(r'[^A-Za-z0-9_.-]+', '_', str(s.meta.get('image_id', f'image{k:04d}')))
+        if name in names: raise ValueError(f'{d}: two samples would both be saved as {name!r}')
+        names.add(name)
+        Image.fromarray(s.image).save(d / 'images' / f'{name}.png')
+        if s.inst_map.max() > 65535: np.save(d / 'labels' / f'{name}.npy', s.inst_map.astype(np.int32))
+        else: Image.fromarray(s.inst_map.astype(np.uint16)).save(d / 'labels' / f'{name}.png')
+        if typed: rows += [f'{name},{i},{int(t)}' for i, t in enumerate(s.inst_types, 1)]
+    if typed: (d / 'types.csv').write_text('image_id,instance_id,type\n' + ''.join(r + '\n' for r in rows))
+    return d
 
 # %% ../../nbs/03_data.ipynb #6b95a04d
 LOADERS = {'kumar': load_kumar, 'monuseg2018': load_monuseg2018, 'hovernet': load_hovernet_layout,
@@ -706,17 +1124,24 @@ def dataset_dir(
                             f'{", ".join(str(c) for c in cands)}); run `nucbook fetch {name}` or pass root=')
 
 def load_dataset(
-    name:str, # dataset name (see `list_datasets()`), or 'synthetic'
+    name:str|Path, # dataset name (see `list_datasets()`), 'synthetic', or the path of an own-data folder
     split:str|list|None=None, # split name, list of names, or None for every image once
     root:str|Path|None=None, # data root (default `$NUCBOOK_DATA`, else the per-user cache folder) or the dataset folder
     limit:int|None=None, # at most this many images per split (the first ones in id order): quick looks, smoke runs
-    **kw, # loader options (cache, prefer, merge, labels, ...); for 'synthetic': n, seed, size, ...
+    **kw, # loader options (cache, prefer, merge, labels, ...); 'synthetic': n, seed, size, ...; a folder: `load_own_folder`'s
 ) -> list[Sample]:
     "Load one dataset split as a list of valid `Sample`s (see each loader for its format)."
     if name == 'synthetic':
         if limit is not None: kw['n'] = min(kw.get('n', 16), limit)
         from nucbook.data.synth import synth_dataset
         return synth_dataset(kw.pop('n', 16), split or 'train', seed=kw.pop('seed', 0), **kw)
+    if _is_folder_ref(name):
+        _, path = resolve_dataset(name)
+        splits = load_own_folder(path, **kw)
+        names = list(splits) if split is None else [split] if isinstance(split, str) else list(split)
+        for s in names:
+            if s not in splits: raise KeyError(f'{path} has no split {s!r}; splits: {", ".join(splits)}')
+        return [x for s in names for x in splits[s][:limit]]
     m = load_manifest(name)
     base = dataset_dir(name, root)
     loader = LOADERS[m['loader']]

@@ -7,18 +7,21 @@ Docs: https://nucbook.github.io/nucbook/fetch.html.md"""
 
 # %% ../../nbs/03a_fetch.ipynb #f3c47486
 from __future__ import annotations
-import hashlib, json, os, shutil, tempfile, time
+import hashlib, json, os, re, shutil, tarfile, tempfile, time, warnings, zipfile, zlib
 from pathlib import Path
 from ..core import atomic_write_json, get_logger
-from .datasets import data_root, load_manifest, dataset_dir, manifest_dir, DATA_ENV
+from .datasets import data_root, load_manifest, dataset_dir, manifest_dir, DATA_ENV, CACHE_ENV
 
 # %% auto #0
-__all__ = ['FetchError', 'lock_path', 'read_lock', 'sha256_file', 'download', 'check_layout', 'manifest_checksums', 'verify',
-           'fetch']
+__all__ = ['FetchError', 'UnverifiedWarning', 'lock_path', 'read_lock', 'sha256_file', 'download_dir', 'download', 'check_layout',
+           'manifest_checksums', 'verify', 'fetch']
 
 # %% ../../nbs/03a_fetch.ipynb #e0235902
 class FetchError(ValueError):
     "A download, checksum or layout problem; the message names the file and the problem."
+
+class UnverifiedWarning(UserWarning):
+    "Data whose hashes were recorded as first seen and never checked against published checksums."
 
 def _state(root:Path) -> Path: return Path(root) / '.nucbook'
 def lock_path(name:str, root:str|Path|None=None) -> Path:
@@ -42,52 +45,121 @@ def sha256_file(path:str|Path, chunk:int=1 << 20) -> str:
 # %% ../../nbs/03a_fetch.ipynb #185533e2
 class _Incomplete(Exception): pass
 
+def download_dir(
+    name:str|None=None, # dataset name (None: the folder holding every dataset's downloads)
+) -> Path:
+    "Folder of downloads in progress, outside the data root: `$NUCBOOK_CACHE/downloads`, else the per-user cache folder's."
+    if os.environ.get(CACHE_ENV): d = Path(os.environ[CACHE_ENV]).expanduser() / 'downloads'
+    else:
+        import platformdirs
+        d = Path(platformdirs.user_cache_dir('nucbook')) / 'downloads'
+    return d / name if name else d
+
+def _validators(headers) -> dict:
+    "The server's name for the version of the file it sends: ETag and Last-Modified."
+    return {k: headers[h] for k, h in (('etag', 'ETag'), ('last_modified', 'Last-Modified')) if headers.get(h)}
+
+def _if_range(info:dict) -> str|None:
+    "The If-Range value (a strong ETag, else Last-Modified) that asks for the rest only if the file did not change."
+    etag = info.get('etag')
+    return etag if etag and not etag.startswith('W/') else info.get('last_modified')
+
+def _full_size(r, have:int) -> int|None:
+    "Size of the whole file: Content-Range's total of a 206, else Content-Length (plus what we have, for a 206)."
+    cr = r.headers.get('Content-Range', '')
+    if r.status_code == 206 and cr.rsplit('/', 1)[-1].isdigit(): return int(cr.rsplit('/', 1)[1])
+    n = r.headers.get('Content-Length', '')
+    return int(n) + (have if r.status_code == 206 else 0) if n.isdigit() else None
+
+def _read_info(p:Path) -> dict:
+    try: return json.loads(p.read_text())
+    except (OSError, ValueError): return {}
+
+def _free(folder:Path) -> str:
+    try: return f'{shutil.disk_usage(folder).free / 2**20:.0f} MB free there'
+    except OSError: return 'free space unknown'
+
 def download(
     url:str, # http(s) URL
-    dest:str|Path, # final file; the download goes to `dest.part` first
-    size:int|None=None, # expected size in bytes (None: not known)
+    dest:str|Path, # final file; the download goes to `dest.part` first (`dest.part.json` records what it is)
+    size:int|None=None, # expected size in bytes (None: not known; the server's Content-Length is checked)
     sha256:str|None=None, # expected sha256 (None: not known)
     progress:bool=True, # tqdm progress bar
     retries:int=3, # reconnections (each resumes where the last stopped)
     timeout:float=60, # seconds without data before giving up on a connection
 ) -> str:
-    "Download `url` to `dest`, resuming a partial `.part` file; verify size/sha256; return the sha256."
+    "Download `url` to `dest`, resuming a partial `.part` file only if the server's file is the same; verify size/sha256; return the sha256."
     import requests
     from tqdm.auto import tqdm
     dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + '.part')
-    for attempt in range(retries + 1):
+    part = dest.with_name(dest.name + '.part'); info_p = part.with_name(part.name + '.json')
+    info = _read_info(info_p)
+    def _drop():
+        part.unlink(missing_ok=True); info_p.unlink(missing_ok=True)
+        return {}
+    def _restart(why):
+        get_logger().warning(f'{part}: {why}; downloading {dest.name} again from the start')
+        return _drop()
+    attempt = 0
+    while True:
         have = part.stat().st_size if part.exists() else 0
-        if size is not None and have == size: break
+        if have and info.get('url') != url: info = _restart('no record of which file it is part of' if not info else f'it is part of {info.get("url")}')
+        elif have and not _if_range(info): info = _restart('the server gave no ETag or Last-Modified, so a resume could splice two versions')
+        elif have and info.get('size') is not None and have > info['size']: info = _restart(f'it is larger than the file ({info["size"]} bytes)')
+        have = part.stat().st_size if part.exists() else 0
+        headers = {'Accept-Encoding': 'identity'}  # sizes and ranges of the bytes on the server, not of a gzip stream
+        if have: headers.update({'Range': f'bytes={have}-', 'If-Range': _if_range(info)})
         try:
-            with requests.get(url, headers={'Range': f'bytes={have}-'} if have else {}, stream=True, timeout=timeout) as r:
-                if r.status_code == 416 and have: break # nothing left to send: the .part is complete
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                if r.status_code == 416 and have:
+                    if have == info.get('size'): break # nothing left to send: the .part is complete
+                    info = _restart(f'the server has no bytes after {have} but the file had {info.get("size")}'); continue
                 if r.status_code == 404: raise FetchError(f'{url}: not found (HTTP 404); the manifest URL may have moved')
                 r.raise_for_status()
-                if have and r.status_code != 206: have = 0 # server ignored Range: start again
-                length = r.headers.get('Content-Length')
-                total = have + int(length) if length is not None else size
-                with open(part, 'ab' if have else 'wb') as f, \
-                     tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=dest.name, disable=not progress) as bar:
-                    for b in r.iter_content(1 << 16):
-                        f.write(b); bar.update(len(b))
-                if total is not None and part.stat().st_size < total: raise _Incomplete(f'{part.stat().st_size} of {total} bytes')
+                now, total = _validators(r.headers), _full_size(r, have)
+                if have and r.status_code == 206:
+                    changed = [k for k in ('etag', 'last_modified') if info.get(k) and now.get(k) and now[k] != info[k]]
+                    if total is not None and info.get('size') is not None and total != info['size']: changed.append('size')
+                    m = re.match(r'bytes (\d+)-', r.headers.get('Content-Range', ''))
+                    if m and int(m.group(1)) != have: changed.append('range start')
+                    if changed: info = _restart(f'the server\'s file changed since it was started ({", ".join(changed)} differ)'); continue
+                elif have:
+                    get_logger().info(f'{dest.name}: the server sent the whole file (changed since {part} was started, or no Range support)')
+                    have = 0
+                try:
+                    if not have:
+                        info = {'url': url, 'size': total, **now}
+                        atomic_write_json(info_p, info)
+                    with open(part, 'ab' if have else 'wb') as f, \
+                         tqdm(total=total, initial=have, unit='B', unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                        for b in r.iter_content(1 << 16):
+                            f.write(b); bar.update(len(b))
+                except requests.RequestException: raise
+                except OSError as e:
+                    raise FetchError(f'{part}: cannot write the download of {url} ({e}; {_free(part.parent)}); the partial file '
+                                     'is kept and the next fetch resumes it') from None
+                got = part.stat().st_size
+                if total is not None and got < total: raise _Incomplete(f'{got} of {total} bytes')
+                if total is not None and got > total:
+                    _drop()
+                    raise FetchError(f'{dest.name}: size mismatch, the server announced {total} bytes, got {got}; the download was deleted')
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, _Incomplete) as e:
             if attempt == retries:
                 raise FetchError(f'{url}: download failed after {retries + 1} attempts ({e}); the partial file {part} '
-                                 'is kept and the next fetch resumes it') from None
+                                 'is kept and the next fetch resumes it if the server\'s file has not changed') from None
+            attempt += 1
             get_logger().warning(f'{dest.name}: connection dropped ({type(e).__name__}); resuming')
             time.sleep(min(2 ** attempt, 10) * 0.1)
         except requests.HTTPError as e: raise FetchError(f'{url}: HTTP error {e}') from None
     got = part.stat().st_size
     if size is not None and got != size:
-        part.unlink(); raise FetchError(f'{dest.name}: size mismatch, expected {size} bytes, got {got}; the download was deleted')
+        _drop(); raise FetchError(f'{dest.name}: size mismatch, expected {size} bytes, got {got}; the download was deleted')
     digest = sha256_file(part)
     if sha256 is not None and digest != sha256.lower():
-        part.unlink()
+        _drop()
         raise FetchError(f'{dest.name}: checksum mismatch, expected sha256 {sha256}, got {digest}; the download was deleted')
-    os.replace(part, dest)
+    os.replace(part, dest); info_p.unlink(missing_ok=True)
     return digest
 
 # %% ../../nbs/03a_fetch.ipynb #31c90826
@@ -123,21 +195,41 @@ def _check_files(base:Path, expected:dict[str, str], source:str):
         got = sha256_file(p)
         if got != h: raise FetchError(f'{p}: modified: sha256 {got}, expected {h} (from {source})')
 
+def _lock_unverified(lock:dict, shipped:dict) -> bool:
+    "True if the lock holds hashes no published checksum backs (a lock written before the `unverified` flag: inferred)."
+    if 'unverified' in lock: return bool(lock['unverified'])
+    dls = lock.get('downloads') or {}
+    return not (dls and all(d.get('source') == 'manifest' for d in dls.values())) and bool(set(lock.get('files', {})) - set(shipped))
+
 def verify(
     name:str, # dataset name
     root:str|Path|None=None, # data root (default `$NUCBOOK_DATA`, else the per-user cache folder)
 ) -> dict:
-    "Check layout and hashes (shipped checksums and the lock file) of a dataset on disk; raise `FetchError` naming the first bad file."
-    r = data_root(root)
+    "Check layout and hashes (shipped checksums and the lock file) of a dataset on disk; raise `FetchError` naming the first bad file, or if there is no hash to check."
+    r = data_root(root); lp = lock_path(name, r)
     base = dataset_dir(name, r)
     layout = check_layout(name, base)
-    shipped = manifest_checksums(name); lock = read_lock(name, r)
-    _check_files(base, shipped, f'data_manifests/checksums/{name}.sha256')
+    shipped = manifest_checksums(name); lock = read_lock(name, r); src = f'data_manifests/checksums/{name}.sha256'
     locked = {k: v['sha256'] for k, v in lock.get('files', {}).items()}
     if lock and Path(lock.get('path', base)).resolve() != base.resolve(): locked = {} # lock of another copy
-    _check_files(base, locked, str(lock_path(name, r)))
-    return {'dataset': name, 'path': str(base), 'layout': layout, 'files_checked_manifest': len(shipped),
-            'files_checked_lock': len(locked), 'lock': str(lock_path(name, r)) if lock else None}
+    n = len(set(shipped) | set(locked))
+    if n == 0:
+        why = f'the lock file {lp} is for another copy ({lock.get("path")})' if lock else f'no lock file ({lp})'
+        raise FetchError(f'{base}: nothing to verify for {name}: 0 files checked, because there are no published checksums '
+                         f'({src}) and {why}; only the layout was checked. Record the hashes of this copy with '
+                         f'`nucbook fetch {name} --from {base}` so that later verifies catch a changed file')
+    _check_files(base, shipped, src)
+    _check_files(base, locked, str(lp))
+    notes, lock_only = [], set(locked) - set(shipped)
+    if lock_only and _lock_unverified(lock, shipped):
+        how = 'downloaded without a published sha256' if lock.get('downloads') else 'registered with --from'
+        notes.append(f'{name}: {len(lock_only)} of the {n} files checked were compared only with hashes recorded in {lp} when '
+                     f'the data was first seen ({how}, {lock.get("written", "date unknown")}); those hashes were never verified '
+                     'against a published one, so this shows the files did not change since, not that they are correct')
+    for w in notes: warnings.warn(w, UnverifiedWarning, stacklevel=2)
+    return {'dataset': name, 'path': str(base), 'layout': layout, 'files_checked': n,
+            'files_checked_manifest': len(shipped), 'files_checked_lock': len(locked), 'unverified': bool(notes),
+            'warnings': notes, 'lock': str(lp) if lock else None}
 
 # %% ../../nbs/03a_fetch.ipynb #9ab51370
 def _tree_hashes(base:Path) -> dict[str, dict]:
@@ -145,9 +237,13 @@ def _tree_hashes(base:Path) -> dict[str, dict]:
             for p in sorted(base.rglob('*')) if p.is_file() and not p.name.startswith('.nucbook')}
 
 def _write_lock(name, root, base, downloads=None):
+    "Record the hashes of `base` (and of its downloads); `unverified` when some are not backed by a published hash."
+    files = _tree_hashes(Path(base))
+    verified_archives = bool(downloads) and not any(d.get('unverified') for d in downloads.values())
+    unverified = not verified_archives and bool(set(files) - set(manifest_checksums(name)))
     atomic_write_json(lock_path(name, root), {'name': name, 'path': str(Path(base).resolve()),
-                                              'written': time.strftime('%Y-%m-%d %H:%M:%S'),
-                                              'downloads': downloads or {}, 'files': _tree_hashes(Path(base))})
+                                              'written': time.strftime('%Y-%m-%d %H:%M:%S'), 'unverified': unverified,
+                                              'downloads': downloads or {}, 'files': files})
 
 def _register(name, root, from_dir):
     src = Path(from_dir).expanduser().resolve()
@@ -168,12 +264,19 @@ def _register(name, root, from_dir):
     _write_lock(name, root, base)
     return base
 
+_BAD_ARCHIVE = (shutil.ReadError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError)
+
 def _unpack(archive:Path, into:Path):
+    "Extract `archive` into `into`; a corrupt or unreadable archive is deleted (the next fetch downloads it again)."
     into.mkdir(parents=True, exist_ok=True)
-    try: shutil.unpack_archive(str(archive), str(into), filter='data')
-    except TypeError: shutil.unpack_archive(str(archive), str(into))
-    except (shutil.ReadError, ValueError, OSError) as e:
-        raise FetchError(f'{archive}: cannot extract archive ({e})') from None
+    try:
+        try: shutil.unpack_archive(str(archive), str(into), filter='data')
+        except TypeError: shutil.unpack_archive(str(archive), str(into))  # zip (and Python < 3.11.4) take no filter
+    except (*_BAD_ARCHIVE, OSError) as e:
+        archive.unlink(missing_ok=True)
+        what = 'corrupt or unreadable archive' if isinstance(e, _BAD_ARCHIVE) else f'cannot extract into {into} ({_free(into)})'
+        raise FetchError(f'{archive}: {what}: {type(e).__name__}: {e}; the download was deleted, the next fetch '
+                         'downloads it again') from None
 
 def fetch(
     name:str, # dataset name (see `nucbook.data.datasets.list_datasets()`)
@@ -181,7 +284,7 @@ def fetch(
     from_dir:str|Path|None=None, # register this existing copy instead of downloading (checked, used in place)
     progress:bool=True, # progress bars
 ) -> Path:
-    "Download, verify, unpack and atomically install dataset `name` (or register `from_dir`); return its folder."
+    "Download (into `download_dir(name)`), verify, unpack and atomically install dataset `name` (or register `from_dir`); return its folder."
     root = data_root(dest); m = load_manifest(name)
     root.mkdir(parents=True, exist_ok=True)
     if from_dir is not None: return _register(name, root, from_dir)
@@ -195,7 +298,7 @@ def fetch(
         get_logger().info(f'{name}: already in {target} and verified')
         return target
     lock = read_lock(name, root); seen = lock.get('downloads', {})
-    dl = _state(root) / 'downloads'
+    dl = download_dir(name)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f'.{name}-staging-'))
     downloads = {}
     try:
@@ -205,10 +308,18 @@ def fetch(
             size = d['size'] if d['size'] is not None else seen.get(d['filename'], {}).get('size')
             digest = download(d['url'], f, size, want, progress)
             downloads[d['filename']] = {'url': d['url'], 'size': f.stat().st_size, 'sha256': digest,
-                                        'source': 'manifest' if d['sha256'] else 'lock' if want else 'first seen'}
+                                        'source': 'manifest' if d['sha256'] else 'lock' if want else 'first seen',
+                                        'unverified': not d['sha256']}
+            if not d['sha256']:
+                warnings.warn(f'{name}: {d["filename"]} has no published sha256 in its manifest; its size was checked '
+                              f'({f.stat().st_size} bytes) and its sha256 {digest} is recorded in {lock_path(name, root)} '
+                              f'as {"first seen" if not want else "seen before"}, marked unverified', UnverifiedWarning, stacklevel=2)
             into = staging / d.get('extract_to', '')
             if d.get('extract'): _unpack(f, into)
-            else: into.mkdir(parents=True, exist_ok=True); shutil.copy2(f, into / d['filename'])
+            else:
+                into.mkdir(parents=True, exist_ok=True)
+                try: shutil.copy2(f, into / d['filename'])
+                except OSError as e: raise FetchError(f'{into / d["filename"]}: cannot copy {f} ({e}; {_free(into)})') from None
         entries = [p for p in staging.iterdir()]
         markers = m['layout']['markers']
         if len(entries) == 1 and entries[0].is_dir() and not any(any(staging.glob(g)) for g in markers):

@@ -16,7 +16,7 @@ from skimage.segmentation import relabel_sequential
 
 # %% auto #0
 __all__ = ['LabelError', 'as_rgb_uint8', 'check_inst_map', 'to_inst_map', 'remove_small_instances', 'keep_largest_component',
-           'types_from_type_map', 'type_map_from_types', 'instance_centroids', 'Sample', 'make_sample']
+           'types_from_type_map', 'type_map_from_types', 'instance_centroids', 'Sample', 'check_sample', 'make_sample']
 
 # %% ../../nbs/01_sample.ipynb #6f60e5c2
 class LabelError(ValueError):
@@ -167,22 +167,47 @@ class Sample:
                        inst_types=c(self.inst_types), meta=dict(self.meta))
 
     def validate(self) -> 'Sample':
-        "Raise `LabelError` naming the source if any convention is broken; return self."
-        src = self.meta.get('source') or self.meta.get('image_id')
-        if self.image.dtype != np.uint8 or self.image.ndim != 3 or self.image.shape[2] != 3:
-            raise LabelError(f'{_where(src)}image must be uint8 H x W x 3, got {self.image.dtype} {self.image.shape}')
-        if self.inst_map.dtype != np.int32: raise LabelError(f'{_where(src)}inst_map must be int32, got {self.inst_map.dtype}')
-        check_inst_map(self.inst_map, self.image.shape, src, contiguous=True)
-        if (self.type_map is None) != (self.inst_types is None):
-            raise LabelError(f'{_where(src)}type_map and inst_types must both be given or both be None')
-        if self.inst_types is not None:
-            if len(self.inst_types) != self.n_instances:
-                raise LabelError(f'{_where(src)}{len(self.inst_types)} instance types for {self.n_instances} instances')
-            if self.type_map.shape != self.inst_map.shape or self.type_map.dtype != np.int32:
-                raise LabelError(f'{_where(src)}type_map must be int32 of the image size')
-            if not np.array_equal(self.type_map, type_map_from_types(self.inst_map, self.inst_types)):
-                raise LabelError(f'{_where(src)}type_map disagrees with inst_types (or is non-zero on background)')
+        "Raise `LabelError` naming the source if any convention is broken (see `check_sample`); return self."
+        check_sample(self)
         return self
+
+def _who(s, role:str) -> str:
+    "How an error message names a sample: `role (source or image_id)`, or the role alone."
+    meta = getattr(s, 'meta', None)
+    src = (meta.get('source') or meta.get('image_id')) if isinstance(meta, dict) else None
+    return f'{role} ({src})' if src else role
+
+def check_sample(
+    s:Sample, # the sample to check
+    role:str='sample', # how error messages name it, e.g. 'pool[3]' or a file name
+) -> np.ndarray:
+    "Raise `LabelError` naming the sample and the problem unless `s` keeps every convention; return its instance areas (index 0 = background)."
+    if not isinstance(s, Sample): raise LabelError(f'{role}: expected a nucbook Sample, got {type(s).__name__}')
+    who = _who(s, role); im, m = s.image, s.inst_map
+    if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+        raise LabelError(f'{who}: image must be uint8 H x W x 3, got {getattr(im, "dtype", type(im))} {np.shape(im)}')
+    if not isinstance(m, np.ndarray) or m.ndim != 2:
+        raise LabelError(f'{who}: inst_map must be a 2-D array, got shape {np.shape(m)}')
+    if m.dtype != np.int32:
+        raise LabelError(f'{who}: inst_map must be int32, got dtype {m.dtype} (make_sample normalises raw labels)')
+    if m.shape != im.shape[:2]:
+        raise LabelError(f'{who}: inst_map is {m.shape[1]}x{m.shape[0]} (WxH) but the image is {im.shape[1]}x{im.shape[0]}')
+    if m.size and m.min() < 0: raise LabelError(f'{who}: inst_map has negative ids (min {m.min()})')
+    area = np.bincount(m.ravel(), minlength=1)  # one pass gives the contiguity check and the areas every augmentation needs
+    if (area[1:] == 0).any():
+        raise LabelError(f'{who}: instance ids are not contiguous ({int((area[1:] > 0).sum())} instances, max id {len(area) - 1})')
+    if (s.type_map is None) != (s.inst_types is None):
+        raise LabelError(f'{who}: type_map and inst_types must both be given or both be None')
+    if s.inst_types is not None:
+        t, tm = np.asarray(s.inst_types), s.type_map
+        if t.ndim != 1 or len(t) != len(area) - 1 or not np.issubdtype(t.dtype, np.integer):
+            raise LabelError(f'{who}: {t.size} instance types for {len(area) - 1} instances (inst_types must be a 1-D integer '
+                             f'array, got {t.dtype} {t.shape})')
+        if not isinstance(tm, np.ndarray) or tm.shape != m.shape or tm.dtype != np.int32:
+            raise LabelError(f'{who}: type_map must be int32 of the image size, got {getattr(tm, "dtype", type(tm))} {np.shape(tm)}')
+        if not np.array_equal(tm, type_map_from_types(m, t)):
+            raise LabelError(f'{who}: type_map disagrees with inst_types (or is non-zero on background)')
+    return area
 
 def make_sample(
     image:np.ndarray, # image in any form `as_rgb_uint8` accepts

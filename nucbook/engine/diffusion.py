@@ -22,11 +22,11 @@ from skimage.segmentation import find_boundaries
 from ..core import get_logger
 from ..eval.fid import fid, kid
 from ..data.sample import Sample
-from ..core import load_checkpoint, save_checkpoint
+from .loop import ResumableLoop, Stateful, data_identity, step_seed
 from ..models.unet import DIFFUSION_SIZES, make_unet, SemanticUNet, make_semantic_unet, is_semantic
 
 # %% auto #0
-__all__ = ['to_model_range', 'to_uint8', 'label_channels', 'n_classes_of', 'random_patches', 'make_noise_scheduler',
+__all__ = ['to_model_range', 'to_uint8', 'label_channels', 'n_classes_of', 'patch_batch', 'make_noise_scheduler',
            'diffusion_loss', 'drop_labels', 'ema_weights', 'save_diffusion', 'load_diffusion', 'DiffusionRun',
            'train_diffusion', 'cfg_combine', 'predict_eps', 'ddim_scheduler', 'patch_seeds', 'randn_per_patch',
            'ddim_sample', 'patch_fid_kid']
@@ -64,7 +64,7 @@ def n_classes_of(samples:Sequence[Sample]) -> int:
     "Number of nucleus types in `samples` (largest type id; 1 when untyped)."
     return max([int(s.inst_types.max()) for s in samples if s.inst_types is not None and len(s.inst_types)] or [1])
 
-def random_patches(
+def patch_batch(
     samples:Sequence[Sample], # tiles to crop from
     n:int, # number of patches
     size:int, # patch side in pixels
@@ -72,7 +72,7 @@ def random_patches(
     n_classes:int|None=None, # also return label maps with this many classes (None: images only)
     augment:bool=True, # apply a random dihedral transform (flips and 90-degree rotations)
 ) -> tuple[torch.Tensor, torch.Tensor|None]:
-    "`n` random crops as model-range images N x 3 x s x s, and their label maps N x (n_classes+2) x s x s if asked."
+    "A training batch: `n` random crops as model-range tensors N x 3 x s x s, and their label maps N x (n_classes+2) x s x s if asked."
     if not len(samples): raise ValueError('no samples to draw patches from')
     g = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
     idx = torch.randint(len(samples), (n,), generator=g).tolist()
@@ -175,20 +175,21 @@ class DiffusionRun:
     "What `train_diffusion` returns."
     model: nn.Module # trained (raw) weights
     ema: EMAModel # EMA of the weights
-    losses: list # loss of every step
+    losses: list # loss of every step (means over blocks of steps beyond 10,000 steps, see `LossHistory`)
     step: int # steps done
     out_dir: Path # checkpoint.pt and model/ live here
     resumed_from: int = 0 # step of the checkpoint the run resumed from (0: fresh)
+    finished: bool = True # False when `max_seconds` stopped the run early
 
     def ema_model(self): return ema_weights(self.model, self.ema).eval()
 
 def _step_generator(seed:int, step:int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(step_seed(seed, step))
 
 def train_diffusion(
     model, # UNet2DModel or SemanticUNet, on the device to train on
     samples:Sequence[Sample], # training tiles
-    out_dir:str|Path, # checkpoint.pt and the final model/ go here; an existing checkpoint is resumed
+    out_dir:str|Path, # checkpoint.pt and the final model/ go here; an existing checkpoint is resumed (same settings only)
     steps:int=1000, # total optimisation steps
     batch_size:int=8,
     patch_size:int|None=None, # default: the model's sample_size
@@ -204,9 +205,12 @@ def train_diffusion(
     callback:Callable|None=None, # called as callback(step, loss) after every step (may raise to stop the run)
     save_final:bool=True, # save out_dir/model (EMA weights) at the end
     log_every:int=0, # log the mean loss every this many steps (0: silent)
+    extend:bool=False, # allow more steps than the checkpoint's run had (train a finished run on)
+    max_seconds:float|None=None, # stop with a checkpoint after this many seconds; call again to continue
+    progress:bool=False, # tqdm progress bar
 ) -> DiffusionRun:
-    "Train a patch diffusion model with the DDPM objective; resumable from `out_dir/checkpoint.pt`."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True); ckpt = out_dir/'checkpoint.pt'
+    "Train a patch diffusion model with the DDPM objective on a `ResumableLoop` (resumed from `out_dir/checkpoint.pt`)."
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     noise_scheduler = noise_scheduler or make_noise_scheduler()
     device = next(model.parameters()).device
     size = patch_size or model.config.sample_size
@@ -219,39 +223,40 @@ def train_diffusion(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps else 1.0)
     ema = EMAModel(model.parameters(), decay=ema_decay)
-    run_cfg = dict(seed=seed, batch_size=batch_size, patch_size=size, p_uncond=p_uncond if semantic else None, lr=lr)
-    losses, start = [], 0
-    if ckpt.exists():
-        st = load_checkpoint(ckpt)
-        if st['run_cfg'] != run_cfg: raise ValueError(f'{ckpt}: written by a run with other settings {st["run_cfg"]}, now {run_cfg}')
-        model.load_state_dict(st['model']); opt.load_state_dict(st['optimizer']); sched.load_state_dict(st['lr_schedule'])
-        ema.load_state_dict(st['ema']); ema.to(device); losses, start = st['losses'], st['step']
-    log = get_logger('nucbook.engine.diffusion')
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+    amp = 'bf16' if device.type == 'cuda' else 'off'
+    settings = dict(seed=seed, batch_size=batch_size, patch_size=size, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
+                    ema_decay=ema_decay, p_uncond=p_uncond if semantic else None, n_classes=n_classes if semantic else None,
+                    amp=amp, model=model, data=data_identity(samples),
+                    noise_schedule={k: v for k, v in noise_scheduler.config.items() if not k.startswith('_')})
     T = noise_scheduler.config.num_train_timesteps
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    model.train()
-    def checkpoint(step):
-        save_checkpoint(ckpt, dict(model=model.state_dict(), optimizer=opt.state_dict(), lr_schedule=sched.state_dict(),
-                                    ema=ema.state_dict(), losses=losses, step=step, run_cfg=run_cfg))
-    for step in range(start, steps):
+
+    def step_fn(step:int) -> dict:
         g = _step_generator(seed, step)
-        y0, x = random_patches(samples, batch_size, size, g, n_classes if semantic else None)
+        y0, x = patch_batch(samples, batch_size, size, g, n_classes if semantic else None)
         t = torch.randint(T, (batch_size,), generator=g)
         epsilon = torch.randn(y0.shape, generator=g)
         if semantic: x = drop_labels(x, p_uncond, g)[0].to(device)
-        with torch.autocast(**amp):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == 'bf16'):
             loss = diffusion_loss(model, noise_scheduler, y0.to(device), t.to(device), epsilon.to(device), x)
         opt.zero_grad(set_to_none=True); loss.backward()
         if grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step(); sched.step(); ema.step(model.parameters())
-        losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0: log.info(f'step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f}')
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps: checkpoint(step + 1)
-        if callback is not None: callback(step + 1, losses[-1])
-    model.eval()
-    if save_final: save_diffusion(out_dir/'model', model, noise_scheduler, ema)
-    return DiffusionRun(model, ema, losses, max(steps, start), out_dir, start)
+        return {'loss': loss.item()}
+
+    log = get_logger('nucbook.engine.diffusion')
+    def after_step(loop, terms):
+        if log_every and loop.step % log_every == 0:
+            log.info(f'step {loop.step}/{steps} loss {np.mean(loop.history["loss"][-log_every:]):.4f}')
+        if callback is not None: callback(loop.step, terms['loss'])
+    def load_ema(st): ema.load_state_dict(st); ema.to(device)
+    state = {'model': model, 'optimizer': opt, 'lr_schedule': sched, 'ema': Stateful(ema.state_dict, load_ema)}
+    loop = ResumableLoop(out_dir/'checkpoint.pt', state, settings, steps, step_fn, ckpt_every=ckpt_every,
+                         max_seconds=max_seconds, callbacks=[after_step], extend=extend, progress=progress, desc='diffusion')
+    model.train(); loop.run(); model.eval()
+    if save_final and loop.finished: save_diffusion(out_dir/'model', model, noise_scheduler, ema)
+    return DiffusionRun(model, ema, list(loop.history.records.get('loss', [])), loop.step, out_dir, loop.resumed_from,
+                        loop.finished)
 
 # %% ../../nbs/09_diffusion.ipynb #2eb83fef
 def cfg_combine(

@@ -12,34 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ..core import get_device, autocast
+from ..data.crops import window_starts, window_owner
 from ..data.sample import Sample
 from ..models.hovernet import hovernet_postprocess
 
 # %% auto #0
-__all__ = ['window_starts', 'window_owner', 'predict_maps', 'predict_sample', 'predict_samples', 'evaluate_model']
-
-# %% ../../nbs/08b_infer.ipynb #7030ffab
-def window_starts(
-    length:int, # padded tile length along one axis
-    window:int, # window length
-    overlap:int, # minimum overlap of neighbouring windows
-) -> np.ndarray:
-    "Start offsets of the windows covering `0..length` (the last one ends at `length`)."
-    if window >= length: return np.array([0])
-    if not 0 <= overlap < window: raise ValueError(f'overlap must be in [0, window), got {overlap} for window {window}')
-    starts = list(range(0, length - window, window - overlap)) + [length - window]
-    return np.array(sorted(set(starts)))
-
-def window_owner(
-    length:int, # padded tile length along one axis
-    starts:np.ndarray, # window starts from `window_starts`
-    window:int, # window length
-) -> np.ndarray:
-    "For each position, the index of the window whose centre is nearest (among windows containing it)."
-    pos = np.arange(length)[:, None]; s = np.asarray(starts)[None]
-    inside = (pos >= s) & (pos < s + window)
-    dist = np.where(inside, np.abs(pos + 0.5 - (s + window / 2)), np.inf)
-    return dist.argmin(1)
+__all__ = ['predict_maps', 'predict_sample', 'predict_samples', 'evaluate_model']
 
 # %% ../../nbs/08b_infer.ipynb #b4a6c189
 def _to_input(images:np.ndarray, device, channels_last:bool) -> torch.Tensor:
@@ -68,7 +46,9 @@ def predict_maps(
     mode = 'reflect' if min(h, w) > 1 else 'edge'
     img = np.pad(image, ((0, H - h), (0, W - w), (0, 0)), mode=mode) if (H, W) != (h, w) else image
     wy, wx = min(window, H), min(window, W)
-    sy, sx = window_starts(H, wy, overlap), window_starts(W, wx, overlap)
+    if not 0 <= overlap < window: raise ValueError(f'overlap must be in [0, window), got {overlap} for window {window}')
+    ov_y, ov_x = min(overlap, wy - 1), min(overlap, wx - 1) # a side no longer than the window is one window
+    sy, sx = window_starts(H, wy, ov_y), window_starts(W, wx, ov_x)
     oy, ox = window_owner(H, sy, wy), window_owner(W, sx, wx)
     boxes = [(i, j) for i in range(len(sy)) for j in range(len(sx))]
     was_training = model.training; model.eval()

@@ -1,6 +1,6 @@
 """A resumable trainer for nucleus segmentation models: random crops with exact labels, standard and plug-in
-augmentation, Adam with cosine warm restarts, bf16 and channels-last on GPU, atomic checkpoints, per-epoch logs
-and validation, and DistributedDataParallel under `torchrun`.
+augmentation, Adam with cosine warm restarts, bf16 and channels-last on GPU, per-epoch logs and validation, and
+DistributedDataParallel under `torchrun`, on the checkpointed loop of `nucbook.engine.loop`.
 
 Docs: https://nucbook.github.io/nucbook/train.html.md"""
 
@@ -15,16 +15,15 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from ..core import (atomic_write, atomic_write_json, atomic_write_text, get_device, get_logger, autocast,
-                          rng_state, set_rng_state, save_checkpoint, load_checkpoint)
+from ..core import atomic_write_json, atomic_write_text, get_device, get_logger, autocast
 from ..data.sample import Sample
 from ..data.crops import random_crop
 from ..augment.mix import StandardAugment
 from ..models.hovernet import hovernet_targets, hovernet_loss
+from .loop import ResumableLoop, data_identity, world_info
 
 # %% auto #0
-__all__ = ['INSMIX_SCHEDULE', 'NUCLEIMIX_SCHEDULE', 'TrainConfig', 'make_optimizer', 'lr_curve', 'CropDataset', 'epoch_batches',
-           'Trainer', 'fit']
+__all__ = ['TrainConfig', 'make_optimizer', 'lr_curve', 'CropDataset', 'epoch_batches', 'Trainer', 'fit']
 
 # %% ../../nbs/08a_train.ipynb #48494a34
 @dataclass
@@ -46,21 +45,24 @@ class TrainConfig:
     augment:bool = True # standard on-the-fly augmentation (flips, 90-degree rotations, colour jitter, blur)
     min_area:int = 0 # drop nuclei cut by the crop to fewer pixels than this
     amp:str = 'auto' # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16' or 'off'
-    channels_last:bool = True # channels-last memory format (faster on CUDA, and on CPU with oneDNN)
-    compile:bool = False # wrap the model in torch.compile
-    ckpt_every:int = 0 # also checkpoint every N optimiser steps (0: only at the end of each epoch)
     val_every:int = 1 # evaluate on the validation set every N epochs (0: never)
     val_window:int = 256 # sliding-window size for validation predictions
     postprocess:dict|None = None # `hovernet_postprocess` settings for validation
+    seed:int = 0 # seed of initialisation-independent randomness: crops, order, augmentation
+    # how the run is executed (free to change between the calls of a resumed run)
+    progress:bool = True # tqdm progress bar
+    channels_last:bool = True # channels-last memory format (faster on CUDA, and on CPU with oneDNN)
+    compile:bool = False # wrap the model in torch.compile
     num_workers:int = 0 # DataLoader worker processes
     threads:int|None = None # torch CPU threads (None: leave as is)
-    seed:int = 0 # seed of initialisation-independent randomness: crops, order, augmentation
     deterministic:bool = False # ask torch for deterministic kernels
-    progress:bool = True # tqdm progress bar
+    ckpt_every:int = 0 # also checkpoint every N optimiser steps (0: only at the end of each epoch)
+    ckpt_seconds:float|None = None # also checkpoint when this many seconds passed since the last checkpoint
+    max_seconds:float|None = None # stop with a checkpoint after this many seconds; `fit` again to continue
 
-INSMIX_SCHEDULE = dict(epochs=300, lr=1e-3, weight_decay=1e-4, T_0=50, T_mult=1, eta_min=0.0)
-NUCLEIMIX_SCHEDULE = dict(epochs=100, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, T_0=25, T_mult=1,
-                          eta_min=1e-5)
+_HOW = ('progress', 'channels_last', 'compile', 'num_workers', 'threads', 'deterministic', 'ckpt_every', 'ckpt_seconds',
+        'max_seconds', 'amp')  # not checked on resume (amp is checked resolved: 'auto' may mean bf16 or off)
+
 
 # %% ../../nbs/08a_train.ipynb #ee290973
 def make_optimizer(model:torch.nn.Module, cfg:TrainConfig, steps_per_epoch:int):
@@ -127,17 +129,19 @@ def epoch_batches(
     return [[(epoch, int(i)) for i in mine[b * batch_size:(b + 1) * batch_size]] for b in range(n)]
 
 # %% ../../nbs/08a_train.ipynb #871afd2e
-def _world() -> tuple[int, int]:
-    "(rank, world size) of this process (0, 1 outside torchrun)."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class _Epochs:
+    "The trainer's per-epoch book-keeping, checkpointed with the run: loss sums of the running epoch, rows, best AJI."
+    def __init__(self): self.sums, self.n, self.rows, self.best = {}, 0, [], -math.inf
+    def state_dict(self) -> dict: return {'sums': dict(self.sums), 'n': self.n, 'rows': list(self.rows), 'best': self.best}
+    def load_state_dict(self, st:dict):
+        self.sums, self.n, self.rows, self.best = dict(st['sums']), st['n'], list(st['rows']), st['best']
 
 def _unwrap(model):
     model = getattr(model, '_orig_mod', model)  # torch.compile
     return getattr(model, 'module', model)  # DDP
 
 class Trainer:
-    "Trains a HoVer-Net on lists of Samples with resumable, atomic checkpoints."
+    "Trains a HoVer-Net on lists of Samples on a resumable loop: checked settings, atomic checkpoints, exact resume."
     def __init__(self,
                  model:torch.nn.Module, # a `HoVerNet` (built by the caller: size, types, encoder weights)
                  train:list[Sample], # training images
@@ -151,27 +155,52 @@ class Trainer:
                 ):
         self.cfg = cfg or TrainConfig()
         self.out_dir = Path(out_dir)
-        self.train_set = list(train) + list(extra_train or [])
+        self.train, self.extra_train = list(train), list(extra_train or [])
+        self.train_set = self.train + self.extra_train
         if not self.train_set: raise ValueError('no training samples')
         self.val = list(val or [])
+        self.online = list(online or [])
         self.callbacks = list(callbacks or [])
         self.model = model
         self.typed = getattr(model, 'n_types', None) is not None
-        self.dataset = CropDataset(self.train_set, self.cfg, online, typed=self.typed)
+        self.dataset = CropDataset(self.train_set, self.cfg, self.online, typed=self.typed)
         self._own_group = False
         if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
             on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == 'cuda')
             dist.init_process_group('nccl' if on_cuda else 'gloo'); self._own_group = True
-        self.rank, self.world = _world()
+        self.rank, self.world = world_info()
         if device is None and self.world > 1 and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.device = get_device(device or 'auto')
         if self.device.type == 'cuda': torch.cuda.set_device(self.device)
         self.steps_per_epoch = len(epoch_batches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, 0, self.rank, self.world))
-        self.epoch, self.step, self.global_step, self.history = 0, 0, 0, []
-        self.epoch_sums, self.epoch_n = {}, 0  # running sums of the loss terms in the current epoch
-        self.best = -math.inf
+        self.loop, self._epochs, self._it = None, _Epochs(), None
         self.log = get_logger('nucbook.engine.train')
+
+    @property
+    def global_step(self) -> int:
+        "Optimiser steps done."
+        return self.loop.step if self.loop is not None else 0
+    @property
+    def epoch(self) -> int:
+        "Epochs done."
+        return self.global_step // self.steps_per_epoch
+    @property
+    def step(self) -> int:
+        "Steps done in the running epoch."
+        return self.global_step % self.steps_per_epoch
+    @property
+    def history(self) -> list[dict]:
+        "One row per finished epoch (as in `train_log.json`)."
+        return self._epochs.rows
+    @property
+    def best(self) -> float:
+        "Best validation AJI so far (-inf before any validation)."
+        return self._epochs.best
+    @property
+    def finished(self) -> bool:
+        "All epochs done (False after a `max_seconds` stop)."
+        return self.loop is not None and self.loop.finished
 
     def _setup(self):
         "Move the model to the device, build optimiser, scheduler and scaler, wrap for DDP/compile."
@@ -194,36 +223,16 @@ class Trainer:
         if cfg.compile: net = torch.compile(net)
         self.net = net
 
-    # --- checkpoints
+    def settings(self) -> dict:
+        "Everything that shapes this run's result, as checked on resume (after `_setup`, which resolves `amp`)."
+        return {**{k: v for k, v in asdict(self.cfg).items() if k not in _HOW}, 'amp': self.amp, 'model': self.raw_model,
+                'data': {'train': data_identity(self.train), 'extra_train': data_identity(self.extra_train)},
+                'online': self.online, 'world': self.world, 'steps_per_epoch': self.steps_per_epoch}
+
     def state_dict(self) -> dict:
-        "Everything needed to resume."
-        return {'model': self.raw_model.state_dict(), 'optimizer': self.opt.state_dict(),
-                'scheduler': self.sched.state_dict(), 'scaler': self.scaler.state_dict(),
-                'epoch': self.epoch, 'step': self.step, 'global_step': self.global_step,
-                'epoch_sums': self.epoch_sums, 'epoch_n': self.epoch_n, 'history': self.history, 'best': self.best, 'rng': rng_state(),
-                'config': asdict(self.cfg), 'world': self.world,
-                'model_config': asdict(self.raw_model.config) if hasattr(self.raw_model, 'config') else None,
-                'n_types': getattr(self.raw_model, 'n_types', None)}
-
-    def load_state_dict(self, st:dict):
-        "Restore a `state_dict` (model shape and run length checked)."
-        mc = asdict(self.raw_model.config) if hasattr(self.raw_model, 'config') else None
-        if st.get('model_config') is not None and mc is not None and \
-           ({k: list(v) if isinstance(v, tuple) else v for k, v in st['model_config'].items()} !=
-            {k: list(v) if isinstance(v, tuple) else v for k, v in mc.items()} or st.get('n_types') != self.raw_model.n_types):
-            raise ValueError(f'{self.out_dir/"last.pt"}: checkpoint is of a different model (size or types)')
-        if st.get('world', 1) != self.world:
-            raise ValueError(f'checkpoint was written by {st.get("world")} processes, this run has {self.world}')
-        self.raw_model.load_state_dict(st['model']); self.opt.load_state_dict(st['optimizer'])
-        self.sched.load_state_dict(st['scheduler']); self.scaler.load_state_dict(st['scaler'])
-        self.epoch, self.step, self.global_step = st['epoch'], st['step'], st['global_step']
-        self.history, self.best = list(st['history']), st['best']
-        self.epoch_sums, self.epoch_n = dict(st['epoch_sums']), st['epoch_n']
-        set_rng_state(st['rng'])
-
-    def save(self, name:str='last.pt'):
-        "Checkpoint to `out_dir/name` (rank 0 only)."
-        if self.rank == 0: save_checkpoint(self.out_dir/name, self.state_dict())
+        "What a checkpoint of the run holds now (`ResumableLoop.checkpoint`)."
+        if self.loop is None: raise RuntimeError('nothing trained yet: call fit first')
+        return self.loop.checkpoint()
 
     def _write_logs(self):
         if self.rank != 0 or not self.history: return
@@ -263,51 +272,64 @@ class Trainer:
         mean = table[table['kind'] == 'mean'].iloc[0]  # over all images (group rows follow)
         return {f'val_{k}': float(mean[k]) for k in ('aji', 'dice1')}
 
-    def _loader(self, batches):
+    def _loader(self, batches, epoch:int):
         # a private generator: creating the loader must not draw from the global torch RNG (saved in checkpoints)
-        g = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.num_workers,
                                            pin_memory=self.device.type == 'cuda', generator=g)
 
+    def _batch(self, step:int) -> dict:
+        "The batch of optimiser step `step`, a function of (seed, step); one data loader serves the rest of an epoch."
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._it is None or self._next != step or i == 0:
+            batches = epoch_batches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch, self.rank, self.world)
+            self._it = iter(self._loader(batches[i:], epoch))
+        self._next = step + 1
+        return next(self._it)
+
+    def _after_step(self, loop:ResumableLoop, terms:dict):
+        "Loop callback: the epoch's loss sums, the user's callbacks, and the end-of-epoch work."
+        ep = self._epochs
+        for k, v in terms.items(): ep.sums[k] = ep.sums.get(k, 0.0) + v
+        ep.n += 1; self._steps_here += 1
+        for cb in self.callbacks: cb(self)
+        if loop.step % self.steps_per_epoch == 0: self._end_epoch(loop)
+
+    def _end_epoch(self, loop:ResumableLoop):
+        "The epoch's row, validation, best.pt and logs; then a checkpoint (last.pt)."
+        cfg, ep = self.cfg, self._epochs
+        dt = time.perf_counter() - self._t_epoch
+        row = {'epoch': self.epoch, 'global_step': loop.step, 'lr': getattr(self, 'last_lr', cfg.lr),
+               **{f'train_{k}': v / max(ep.n, 1) for k, v in ep.sums.items()},
+               'images_per_s': self._steps_here * cfg.batch_size * self.world / dt if self._steps_here else float('nan'),
+               'time_s': dt}
+        ep.sums, ep.n = {}, 0
+        if self.val and cfg.val_every and self.rank == 0 and (self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs):
+            row.update(self.validate())
+        ep.rows.append(row)
+        if row.get('val_aji', -math.inf) > ep.best:
+            ep.best = row['val_aji']; loop.save_copy(self.out_dir/'best.pt')
+        self._write_logs(); loop.request_checkpoint()
+        self._t_epoch, self._steps_here = time.perf_counter(), 0
+
     def fit(self,
-            resume:bool=True, # continue from `out_dir/last.pt` if it exists
+            resume:bool=True, # continue from `out_dir/last.pt` if it exists (its settings must be this run's)
+            extend:bool=False, # allow more epochs than the checkpoint's run had (train a finished run on)
            ) -> 'Trainer':
-        "Train until `cfg.epochs` epochs are done; returns self (`history`, `raw_model`)."
-        from tqdm.auto import tqdm
+        "Train until `cfg.epochs` epochs are done (or `cfg.max_seconds` passed); returns self (`history`, `raw_model`)."
         cfg = self.cfg
         self._setup()
-        ckpt = self.out_dir/'last.pt'
-        if resume and ckpt.exists():
-            self.load_state_dict(load_checkpoint(ckpt))
-            if self.rank == 0: self.log.info(f'resumed from {ckpt}: epoch {self.epoch}, step {self.step}')
-        try:
-            while self.epoch < cfg.epochs:
-                batches = epoch_batches(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch, self.rank, self.world)
-                if self.step == 0: self.epoch_sums, self.epoch_n = {}, 0
-                sums, n, t0 = self.epoch_sums, 0, time.perf_counter()
-                bar = tqdm(total=len(batches), initial=self.step, desc=f'epoch {self.epoch + 1}/{cfg.epochs}',
-                           disable=not cfg.progress or self.rank != 0, leave=False)
-                for batch in self._loader(batches[self.step:]):
-                    terms = self.train_step(batch)
-                    for k, v in terms.items(): sums[k] = sums.get(k, 0.0) + v
-                    n += 1; self.epoch_n += 1; self.step += 1; self.global_step += 1
-                    bar.update(1); bar.set_postfix(loss=f"{terms['loss']:.3f}")
-                    if cfg.ckpt_every and self.global_step % cfg.ckpt_every == 0 and self.step < len(batches): self.save()
-                    for cb in self.callbacks: cb(self)
-                bar.close()
-                dt = time.perf_counter() - t0
-                row = {'epoch': self.epoch + 1, 'global_step': self.global_step, 'lr': getattr(self, 'last_lr', cfg.lr),
-                       **{f'train_{k}': v / max(self.epoch_n, 1) for k, v in sums.items()},
-                       'images_per_s': n * cfg.batch_size * self.world / dt if n else float('nan'), 'time_s': dt}
-                self.epoch += 1; self.step = 0
-                if self.val and cfg.val_every and (self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs):
-                    if self.rank == 0: row.update(self.validate())
-                    if row.get('val_aji', -math.inf) > self.best:
-                        self.best = row['val_aji']; self.history.append(row); self.save('best.pt')
-                    else: self.history.append(row)
-                else: self.history.append(row)
-                self.save(); self._write_logs()
-                if self.world > 1: dist.barrier()
+        self._epochs, self._it = _Epochs(), None
+        if not resume and self.rank == 0: (self.out_dir/'best.pt').unlink(missing_ok=True)  # not this run's
+        state = {'model': self.raw_model, 'optimizer': self.opt, 'scheduler': self.sched, 'scaler': self.scaler,
+                 'epochs': self._epochs}
+        self.loop = ResumableLoop(self.out_dir/'last.pt', state, self.settings(), cfg.epochs * self.steps_per_epoch,
+                                  lambda step: self.train_step(self._batch(step)), ckpt_every=cfg.ckpt_every,
+                                  ckpt_seconds=cfg.ckpt_seconds, max_seconds=cfg.max_seconds, callbacks=[self._after_step],
+                                  resume=resume, extend=extend, extend_keys=('epochs',), progress=cfg.progress,
+                                  desc=f'train {self.out_dir.name}')
+        self._t_epoch, self._steps_here = time.perf_counter(), 0
+        try: self.loop.run()
         finally:
             if self._own_group and dist.is_initialized(): dist.destroy_process_group()
         return self
@@ -317,11 +339,12 @@ def fit(
     train:list[Sample], # training images
     val:list[Sample]|None=None, # validation images
     out_dir:str|Path='runs/train', # checkpoints and logs
-    resume:bool=True, # continue from `out_dir/last.pt` if present
+    resume:bool=True, # continue from `out_dir/last.pt` if present (same settings only)
+    extend:bool=False, # allow more epochs than the checkpoint's run had
     **kwargs, # `Trainer` arguments (extra_train, online, device, callbacks) and `TrainConfig` fields
 ) -> Trainer:
-    "Build a `TrainConfig` from the keyword arguments, train `model`, return the finished `Trainer`."
+    "Build a `TrainConfig` from the keyword arguments, train `model`, return the `Trainer`."
     tkeys = {'extra_train', 'online', 'device', 'callbacks', 'cfg'}
     cfg = kwargs.pop('cfg', None) or TrainConfig()
     cfg = replace(cfg, **{k: v for k, v in kwargs.items() if k not in tkeys})
-    return Trainer(model, train, val, cfg, out_dir, **{k: v for k, v in kwargs.items() if k in tkeys}).fit(resume)
+    return Trainer(model, train, val, cfg, out_dir, **{k: v for k, v in kwargs.items() if k in tkeys}).fit(resume, extend)

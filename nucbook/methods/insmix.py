@@ -17,66 +17,19 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from ..core import as_rng, atomic_write, get_device
-from ..data.sample import Sample, to_inst_map, type_map_from_types
-from ..augment.mix import Augmentation, Augmented
-from ..core import save_checkpoint, load_checkpoint
+from ..data.sample import Sample
+from ..augment.canvas import Augmented, Canvas, InstanceBank, check_typing
+from ..augment.mix import Augmentation
+from ..core import load_checkpoint
+from ..engine.loop import ResumableLoop, Stateful, step_seed
 from ..data.crops import random_crop
 
 # %% auto #0
-__all__ = ['SSD_DEFAULTS', 'InstanceBank', 'f_scale', 'f_shape', 'f_dis', 'ssd_satisfied', 'ssd_copy_paste', 'pasted_mask',
-           'background_perturbation', 'GatedConv2d', 'composite', 'foreground_similarity', 'SmoothGenerator',
-           'PatchDiscriminator', 'l1_distance', 'triplet_loss_D', 'adversarial_loss_G', 'generator_loss',
-           'to_tensor_image', 'to_uint8_image', 'gan_batch', 'load_generator', 'train_smooth_gan', 'smooth', 'InsMix']
-
-# %% ../../nbs/11_insmix.ipynb #be18d20d
-class InstanceBank:
-    "All nuclei of a training set as paste templates: masks, pixels, centroids, areas, types, sources."
-    def __init__(self,
-                 masks:list, # bool arrays h x w, one per template (tight bounding box)
-                 pixels:list, # uint8 arrays h x w x 3, the template's image crop
-                 centroids:np.ndarray, # (T, 2) float (cy, cx) inside each crop
-                 types:np.ndarray, # (T,) int32 nucleus type (0 when the source is untyped)
-                 sources:list, # (image_id, instance id) of each template
-                ):
-        self.masks, self.pixels, self.sources = list(masks), list(pixels), list(sources)
-        self.centroids = np.asarray(centroids, float).reshape(-1, 2)
-        self.types = np.asarray(types, np.int32)
-        self.areas = np.array([int(m.sum()) for m in self.masks], np.int64)
-        self._order = np.argsort(self.areas, kind='stable')  # for area-range queries
-        self._sorted_areas = self.areas[self._order]
-
-    def __len__(self): return len(self.masks)
-    def __repr__(self): return f'InstanceBank({len(self)} templates, area {self.areas.min() if len(self) else 0}..{self.areas.max() if len(self) else 0} px)'
-
-    @classmethod
-    def from_samples(cls,
-                     samples, # training Samples (full images or crops)
-                     min_area:int=10, # templates smaller than this are skipped
-                     exclude_border:bool=True, # skip nuclei that touch the image border
-                    ) -> 'InstanceBank':
-        "Collect every nucleus of `samples`."
-        masks, pixels, cents, types, sources = [], [], [], [], []
-        for k, s in enumerate(samples):
-            h, w = s.inst_map.shape
-            for i, sl in enumerate(ndi.find_objects(s.inst_map), start=1):
-                if sl is None: continue
-                if exclude_border and (sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w): continue
-                m = s.inst_map[sl] == i
-                if m.sum() < min_area: continue
-                ys, xs = np.nonzero(m)
-                masks.append(m); pixels.append(s.image[sl].copy()); cents.append((ys.mean(), xs.mean()))
-                types.append(int(s.inst_types[i - 1]) if s.inst_types is not None else 0)
-                sources.append((str(s.meta.get('image_id', k)), i))
-        return cls(masks, pixels, np.array(cents).reshape(-1, 2), np.array(types, np.int32), sources)
-
-    def with_area_between(self,
-                          lo:float, # smallest area allowed (inclusive)
-                          hi:float, # largest area allowed (inclusive)
-                         ) -> np.ndarray:
-        "Indices of the templates whose area lies in [lo, hi]."
-        first = np.searchsorted(self._sorted_areas, lo, side='left')
-        last = np.searchsorted(self._sorted_areas, hi, side='right')
-        return self._order[first:last]
+__all__ = ['SSD_DEFAULTS', 'INSMIX_SCHEDULE', 'INSMIX_KUMAR', 'INSMIX_CPS', 'INSMIX_TABLES', 'COMPARATOR', 'f_scale', 'f_shape',
+           'f_dis', 'ssd_satisfied', 'ssd_copy_paste', 'pasted_mask', 'background_perturbation', 'GatedConv2d',
+           'composite', 'foreground_similarity', 'SmoothGenerator', 'PatchDiscriminator', 'l1_distance',
+           'triplet_loss_D', 'adversarial_loss_G', 'generator_loss', 'to_tensor_image', 'to_uint8_image', 'gan_batch',
+           'load_generator', 'train_smooth_gan', 'smooth', 'InsMix']
 
 # %% ../../nbs/11_insmix.ipynb #9bd11ab0
 SSD_DEFAULTS = dict(epsilon=2.0, rho=0.8, delta=0.0, gamma=40 * 2 ** 0.5)  # the authors' code (see above)
@@ -139,48 +92,24 @@ def ssd_satisfied(
     return bool(scale <= epsilon and shape <= rho and delta <= dis <= gamma)
 
 # %% ../../nbs/11_insmix.ipynb #0403d891
-def _fix_occluded(inst:np.ndarray, ids, boxes:dict, min_area:int) -> np.ndarray:
-    "Keep the largest 8-connected piece of each occluded id (inside its box); drop it if below `min_area`."
-    for i in ids:
-        sl = boxes[i]; crop = inst[sl]; m = crop == i
-        lab, n = ndi.label(m, structure=np.ones((3, 3)))
-        if n > 1:
-            sizes = np.bincount(lab.ravel())[1:]
-            crop[m & (lab != sizes.argmax() + 1)] = 0
-            area = sizes.max()
-        else: area = int(m.sum())
-        if area < min_area: crop[crop == i] = 0
-    return inst
-
-def ssd_copy_paste(
-    sample:Sample, # the crop to augment
+def _ssd_paste(
+    c:Canvas, # the crop's canvas (pastes go on top)
     bank:InstanceBank, # templates
-    rng:np.random.Generator|int|None=None, # randomness
-    epsilon:float=SSD_DEFAULTS['epsilon'], # largest f_scale (Eq. 1)
-    rho:float=SSD_DEFAULTS['rho'], # largest f_shape (Eq. 1)
-    delta:float=SSD_DEFAULTS['delta'], # smallest centroid distance to the anchor, px (Eq. 1)
-    gamma:float=SSD_DEFAULTS['gamma'], # largest centroid distance to the anchor, px (Eq. 1)
-    paste_ratio:float=0.5, # pasted nuclei relative to the crop's nucleus count
-    random_count:bool=True, # draw the count in 1..round(paste_ratio*N) (authors) instead of exactly that many
-    constrained:bool=True, # apply the SSD constraints; False = plain Copy-Paste (any template, anywhere)
-    max_tries:int=20, # templates / placements tried per anchor before giving up on it
-    min_area:int=10, # occluded remnants smaller than this are dropped from the labels
-) -> tuple[Sample, dict]:
-    "Paste bank templates next to the crop's nuclei under the SSD constraints: `(new sample, provenance)`."
-    rng = as_rng(rng)
-    inst0 = sample.inst_map; h, w = inst0.shape; n = sample.n_instances
-    rec = dict(op='ssd_copy_paste', constrained=constrained, n_original=n, n_requested=0, pasted=[], failed=0,
-               thresholds=dict(epsilon=epsilon, rho=rho, delta=delta, gamma=gamma))
-    if n == 0 or len(bank) == 0: return sample.copy(), rec
+    rng:np.random.Generator, # randomness
+    epsilon:float, rho:float, delta:float, gamma:float, # thresholds of Eq. 1
+    paste_ratio:float, random_count:bool, constrained:bool, max_tries:int, # see `ssd_copy_paste`
+) -> dict:
+    "The SSD copy-paste step on a canvas; returns the step's record (pasted templates carry their canvas `code`)."
+    inst0 = c.sample.inst_map; h, w = inst0.shape; n = c.sample.n_instances
+    step = dict(op='ssd_copy_paste', constrained=constrained, n_original=n, n_requested=0, pasted=[], failed=0, refused=0,
+                thresholds=dict(epsilon=epsilon, rho=rho, delta=delta, gamma=gamma))
+    if n == 0 or len(bank) == 0: return step
     k_max = max(1, int(round(paste_ratio * n)))
     k = int(rng.integers(1, k_max + 1)) if random_count else k_max
-    rec['n_requested'] = k
-    boxes = {i: sl for i, sl in enumerate(ndi.find_objects(inst0), start=1) if sl is not None}
-    image, inst = sample.image.copy(), inst0.copy()
-    types = list(sample.inst_types) if sample.inst_types is not None else None
-    occluded, next_id = set(), n + 1
-    for a in rng.choice(np.arange(1, n + 1), size=k, replace=k > n):
-        sl = boxes[a]; M_o = inst0[sl] == a
+    step['n_requested'] = k
+    boxes = ndi.find_objects(inst0); bank_source = {}
+    for a in rng.choice(np.arange(1, n + 1), size=k, replace=k > n).tolist():
+        sl = boxes[a - 1]; M_o = inst0[sl] == a
         c_o_local = _centroid(M_o); c_o = c_o_local + (sl[0].start, sl[1].start)
         a_o = int(M_o.sum())
         # --- choose a template: f_scale <= epsilon (area range), then f_shape <= rho
@@ -192,51 +121,89 @@ def ssd_copy_paste(
                 inter = _aligned_intersection(M_o, c_o_local, bank.masks[t], bank.centroids[t])
                 if (a_o + bank.areas[t] - 2 * inter) / max(a_o, bank.areas[t]) <= rho: j = t; break
         else: j = int(rng.integers(len(bank)))
-        if j is None: rec['failed'] += 1; continue
+        if j is None: step['failed'] += 1; continue
         M_t, c_t = bank.masks[j], bank.centroids[j]; th, tw = M_t.shape
-        # --- place it: centroid distance in [delta, gamma], fully inside the crop
+        # --- place it: centroid distance in [delta, gamma], fully inside the crop, allowed by the occlusion rule
         top_left = None
         for _ in range(max_tries):
             if constrained:
                 d, phi = rng.uniform(delta, gamma), rng.uniform(0, 2 * np.pi)
                 target = c_o + d * np.array([np.sin(phi), np.cos(phi)])
             else: target = rng.uniform((0, 0), (h, w))
-            y0, x0 = np.round(target - c_t).astype(int)
+            y0, x0 = np.round(target - c_t).astype(int).tolist()
             if y0 < 0 or x0 < 0 or y0 + th > h or x0 + tw > w: continue
             dis = float(np.hypot(*(np.array([y0, x0]) + c_t - c_o)))
             if constrained and not (delta <= dis <= gamma): continue
+            if not c.fits(M_t, y0, x0): step['refused'] += 1; continue
             top_left = (y0, x0); break
-        if top_left is None: rec['failed'] += 1; continue
-        y0, x0 = top_left; reg = (slice(y0, y0 + th), slice(x0, x0 + tw))
-        under = inst[reg][M_t]
-        occluded.update(np.unique(under[under > 0]).tolist())
-        image[reg][M_t] = bank.pixels[j][M_t]
-        inst[reg][M_t] = next_id; boxes[next_id] = reg
-        if types is not None: types.append(int(bank.types[j]))
+        if top_left is None: step['failed'] += 1; continue
+        y0, x0 = top_left; img_id, src_id = bank.sources[j]
+        if img_id not in bank_source: bank_source[img_id] = c.add_source(None, 'bank', image_id=img_id)
+        code = c.paste(M_t, y0, x0, bank_source[img_id], src_id, type=int(bank.types[j]), pixels=bank.pixels[j])
         a_t = int(bank.areas[j])
-        rec['pasted'].append(dict(template=j, source=list(bank.sources[j]), anchor=int(a), id=next_id,
-                                  f_scale=max(a_o, a_t) / min(a_o, a_t),
-                                  f_shape=f_shape(M_o, M_t), f_dis=dis, top_left=[int(y0), int(x0)],
-                                  type=int(bank.types[j])))
-        next_id += 1
-    inst = _fix_occluded(inst, sorted(occluded), boxes, min_area)
-    new, old_ids = to_inst_map(inst)
-    new_of = {int(o): i + 1 for i, o in enumerate(old_ids)}
-    for p in rec['pasted']: p['id'] = new_of.get(p['id'])  # None: occluded by a later paste and dropped
-    rec['dropped_original'] = sorted(set(range(1, n + 1)) - set(new_of))
-    rec['original_ids'] = [new_of.get(i) for i in range(1, n + 1)]
-    if types is None: out = Sample(image, new, None, None, dict(sample.meta))
-    else:
-        t = np.asarray(types, np.int32)[old_ids - 1]
-        out = Sample(image, new, type_map_from_types(new, t), t, dict(sample.meta))
-    return out, rec
+        step['pasted'].append(dict(template=j, source=[img_id, int(src_id)], anchor=a, code=code,
+                                   f_scale=max(a_o, a_t) / min(a_o, a_t), f_shape=f_shape(M_o, M_t), f_dis=dis,
+                                   top_left=[y0, x0], type=int(bank.types[j])))
+    return step
 
-def pasted_mask(sample:Sample, rec:dict) -> np.ndarray:
-    "M: the pixels of the pasted templates that survived (bool H x W), from a copy-paste provenance record."
-    ids = [p['id'] for p in rec.get('pasted', []) if p['id'] is not None]
+def _final_ids(c:Canvas, step:dict):
+    "After `finish`: each pasted template's output id (None: covered by a later paste) instead of its canvas code."
+    for p in step['pasted']: p['id'] = c.final_id(p.pop('code'))
+
+def ssd_copy_paste(
+    sample:Sample, # the crop to augment
+    bank:InstanceBank, # templates (typed exactly when the crop is)
+    rng:np.random.Generator|int|None=None, # randomness
+    epsilon:float=SSD_DEFAULTS['epsilon'], # largest f_scale (Eq. 1)
+    rho:float=SSD_DEFAULTS['rho'], # largest f_shape (Eq. 1)
+    delta:float=SSD_DEFAULTS['delta'], # smallest centroid distance to the anchor, px (Eq. 1)
+    gamma:float=SSD_DEFAULTS['gamma'], # largest centroid distance to the anchor, px (Eq. 1)
+    paste_ratio:float=0.5, # pasted nuclei relative to the crop's nucleus count
+    random_count:bool=True, # draw the count in 1..round(paste_ratio*N) (authors) instead of exactly that many
+    constrained:bool=True, # apply the SSD constraints; False = plain Copy-Paste (any template, anywhere)
+    max_tries:int=20, # templates / placements tried per anchor before giving up on it
+    min_area:int=10, # smallest remnant an occluded nucleus may keep (placements leaving less are refused)
+) -> tuple[Sample, dict]:
+    "Paste bank templates next to the crop's nuclei under the SSD constraints: `(new sample, record)`."
+    check_typing(sample, bank, 'instance bank')
+    c = Canvas(sample, min_area=min_area)
+    step = _ssd_paste(c, bank, as_rng(rng), epsilon, rho, delta, gamma, paste_ratio, random_count, constrained, max_tries)
+    out = c.finish('ssd_copy_paste', dict(bank=len(bank), paste_ratio=paste_ratio, random_count=random_count,
+                                          max_tries=max_tries), steps=[step])
+    _final_ids(c, out.record['steps'][0])
+    return out.sample, out.record
+
+def pasted_mask(
+    sample:Sample, # a copy-paste result
+    rec:dict, # its record (or the record's copy-paste step)
+) -> np.ndarray:
+    "M: the pixels of the pasted templates that survived (bool H x W)."
+    if 'instances' in rec: ids = [r['id'] for r in rec['instances'] if r['op'] == 'pasted']
+    else: ids = [p['id'] for p in rec.get('pasted', []) if p['id'] is not None]
     return np.isin(sample.inst_map, ids) if ids else np.zeros(sample.inst_map.shape, bool)
 
 # %% ../../nbs/11_insmix.ipynb #10df8b56
+def _shuffle_background(image:np.ndarray, fg:np.ndarray, rng:np.random.Generator, alpha:float, patch:int) -> dict:
+    "Shuffle (in place) a share `alpha` of the `patch` x `patch` patches of `image` holding no `fg` pixel; the step's record."
+    h, w = fg.shape; gh, gw = h // patch, w // patch
+    free = ~fg[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch).any(axis=(1, 3))  # (gh, gw) patches without any nucleus pixel
+    free_idx = np.flatnonzero(free)
+    n_sel = int(round(alpha * len(free_idx)))
+    rec = dict(op='background_perturbation', alpha=alpha, patch=patch, grid=[gh, gw], n_free=len(free_idx),
+               n_shuffled=0, moves=[])
+    if n_sel < 2: return rec
+    dst = rng.choice(free_idx, size=n_sel, replace=False)
+    src = np.roll(dst, 1)  # cyclic: patch dst[i] receives the content of dst[i-1]
+    blocks = image[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch, 3).swapaxes(1, 2).reshape(gh * gw, patch, patch, 3)
+    new = blocks.copy(); new[dst] = blocks[src]
+    image[:gh * patch, :gw * patch] = new.reshape(gh, gw, patch, patch, 3).swapaxes(1, 2).reshape(gh * patch, gw * patch, 3)
+    rec.update(n_shuffled=n_sel, moves=np.stack([src, dst], 1).tolist())
+    return rec
+
+def _check_bgp(alpha, patch):
+    if not 0 <= alpha <= 1: raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+    if patch < 1: raise ValueError(f'patch must be at least 1 pixel, got {patch}')
+
 def background_perturbation(
     sample:Sample, # the crop (after copy-paste, so pasted nuclei are protected too)
     rng:np.random.Generator|int|None=None, # randomness
@@ -244,25 +211,9 @@ def background_perturbation(
     patch:int=20, # patch side in pixels (paper: 20)
 ) -> tuple[Sample, dict]:
     "Shuffle a share `alpha` of the nucleus-free `patch` x `patch` patches among themselves: `(new sample, provenance)`."
-    if not 0 <= alpha <= 1: raise ValueError(f'alpha must be in [0, 1], got {alpha}')
-    if patch < 1: raise ValueError(f'patch must be at least 1 pixel, got {patch}')
-    rng = as_rng(rng)
-    h, w = sample.inst_map.shape; gh, gw = h // patch, w // patch
-    fg = sample.inst_map[:gh * patch, :gw * patch] > 0
-    free = ~fg.reshape(gh, patch, gw, patch).any(axis=(1, 3))  # (gh, gw) patches without any nucleus pixel
-    free_idx = np.flatnonzero(free)
-    n_sel = int(round(alpha * len(free_idx)))
-    rec = dict(op='background_perturbation', alpha=alpha, patch=patch, grid=[gh, gw], n_free=len(free_idx),
-               n_shuffled=0, moves=[])
+    _check_bgp(alpha, patch)
     out = sample.copy()
-    if n_sel < 2: return out, rec
-    dst = rng.choice(free_idx, size=n_sel, replace=False)
-    src = np.roll(dst, 1)  # cyclic: patch dst[i] receives the content of dst[i-1]
-    blocks = sample.image[:gh * patch, :gw * patch].reshape(gh, patch, gw, patch, 3).swapaxes(1, 2).reshape(gh * gw, patch, patch, 3)
-    new = blocks.copy(); new[dst] = blocks[src]
-    out.image[:gh * patch, :gw * patch] = new.reshape(gh, gw, patch, patch, 3).swapaxes(1, 2).reshape(gh * patch, gw * patch, 3)
-    rec.update(n_shuffled=n_sel, moves=np.stack([src, dst], 1).tolist())
-    return out, rec
+    return out, _shuffle_background(out.image, sample.inst_map > 0, as_rng(rng), alpha, patch)
 
 # %% ../../nbs/11_insmix.ipynb #ceb9c7e6
 class GatedConv2d(nn.Module):
@@ -408,21 +359,21 @@ def gan_batch(
     return dict(u=to_tensor_image(us), M=m(Ms), M_o=m(Mos), x_a=to_tensor_image(xas), x_p=to_tensor_image(xps))
 
 # %% ../../nbs/11_insmix.ipynb #8e79b2c4
-def _save_checkpoint(path, G, D, opt_G, opt_D, step, history, rng):
-    save_checkpoint(path, dict(G=G.state_dict(), D=D.state_dict(), opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict(),
-                               step=step, history=history, np_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
-                               config=dict(cnum=G.cnum, softmax_scale=G.softmax_scale)))
-
-def load_generator(path, device='cpu') -> 'SmoothGenerator':
+def load_generator(
+    path:str|Path, # a smooth-GAN checkpoint written by `train_smooth_gan`
+    device:str|torch.device='cpu', # where to put the generator
+) -> 'SmoothGenerator':
     "The generator of a smooth-GAN checkpoint, in eval mode."
-    ck = torch.load(path, map_location=device, weights_only=False)
-    G = SmoothGenerator(**ck['config']).to(device); G.load_state_dict(ck['G']); return G.eval()
+    ck = load_checkpoint(path)
+    state = ck.get('state', {}) if isinstance(ck, dict) else {}
+    if 'G' not in state or 'config' not in state: raise ValueError(f'{path} is not a smooth-GAN checkpoint of train_smooth_gan')
+    G = SmoothGenerator(**state['config']); G.load_state_dict(state['G']); return G.to(device).eval()
 
 def train_smooth_gan(
     samples:list, # training Samples (full images or crops at least `crop` in size)
     steps:int, # total optimisation steps (a resumed run continues up to this)
     bank:InstanceBank|None=None, # templates (default: built from `samples`)
-    ckpt_path:str|Path|None=None, # checkpoint file; resumed from when it exists
+    ckpt_path:str|Path|None=None, # checkpoint file; resumed from when it exists (a run with other settings is refused)
     ckpt_every:int=100, # steps between checkpoints
     cnum:int=48, # generator width
     ndf:int=64, # discriminator width
@@ -433,30 +384,25 @@ def train_smooth_gan(
     lam:float=10.0, # lambda of Eq. 5
     m:float=1.0, # triplet margin of Eq. 3
     softmax_scale:float=10.0, # FSE temperature
-    seed:int=0, # seeds weights and batches
+    seed:int=0, # seeds the weights and every step's batch (step k's batch is a function of (seed, k))
     device:str|None=None, # torch device (default: `get_device()`)
     progress:bool=True, # show a progress bar
     max_seconds:float|None=None, # stop (with a checkpoint) after this long; call again to continue
+    extend:bool=False, # allow more `steps` than the checkpoint's run had
     **paste_kw, # passed to `ssd_copy_paste` when making inputs
 ) -> tuple['SmoothGenerator', 'PatchDiscriminator', dict]:
-    "Train the smooth-GAN (Eqs. 3-5) with atomic checkpoints and resume: `(G, D, history)`."
+    "Train the smooth-GAN (Eqs. 3-5) on `nucbook.engine.loop.ResumableLoop`: `(G, D, history)`."
     device = torch.device(device) if device else get_device()
     bank = bank if bank is not None else InstanceBank.from_samples(samples)
     torch.manual_seed(seed)
     G, D = SmoothGenerator(cnum, softmax_scale).to(device), PatchDiscriminator(ndf).to(device)
     opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
     opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
-    rng, step, history = np.random.default_rng(seed), 0, dict(step=[], L_D=[], L_G=[], L_adv=[], L_rec=[], seconds=[])
-    if ckpt_path is not None and Path(ckpt_path).exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        G.load_state_dict(ck['G']); D.load_state_dict(ck['D'])
-        opt_G.load_state_dict(ck['opt_G']); opt_D.load_state_dict(ck['opt_D'])
-        step, history = ck['step'], ck['history']
-        rng.bit_generator.state = ck['np_rng']; torch.set_rng_state(ck['torch_rng'])
+    config = dict(cnum=cnum, softmax_scale=softmax_scale)
     G.train(); D.train()
-    t0 = time.time()
-    bar = tqdm(range(step, steps), initial=step, total=steps, desc='smooth-GAN', disable=not progress, leave=False)
-    for step in bar:
+
+    def step_fn(step:int) -> dict:
+        rng = np.random.default_rng(step_seed(seed, step))
         b = {k: v.to(device) for k, v in gan_batch(samples, bank, rng, batch_size, crop, **paste_kw).items()}
         u, M, M_o, x_a, x_p = b['u'], b['M'], b['M_o'], b['x_a'], b['x_p']
         # --- D step, Eq. 3
@@ -469,14 +415,16 @@ def train_smooth_gan(
         with torch.no_grad(): D_xa, D_xp = D(x_a), D(x_p)
         L_G, L_adv, L_rec = generator_loss(D_xa, D_xp, D(S_u), u, G_u, lam)
         opt_G.zero_grad(set_to_none=True); L_G.backward(); opt_G.step()
-        for k_, v_ in (('step', step + 1), ('L_D', L_D.item()), ('L_G', L_G.item()), ('L_adv', L_adv.item()),
-                       ('L_rec', L_rec.item()), ('seconds', time.time() - t0)): history[k_].append(v_)
-        bar.set_postfix(L_D=f'{L_D.item():.3f}', L_G=f'{L_G.item():.3f}')
-        out_of_time = max_seconds is not None and time.time() - t0 > max_seconds
-        if ckpt_path is not None and ((step + 1) % ckpt_every == 0 or step + 1 == steps or out_of_time):
-            _save_checkpoint(ckpt_path, G, D, opt_G, opt_D, step + 1, history, rng)
-        if out_of_time: break
-    return G.eval(), D.eval(), history
+        return dict(L_D=L_D.item(), L_G=L_G.item(), L_adv=L_adv.item(), L_rec=L_rec.item())
+
+    settings = dict(cnum=cnum, ndf=ndf, batch_size=batch_size, crop=crop, lr=lr, betas=tuple(betas), lam=lam, m=m,
+                    softmax_scale=softmax_scale, seed=seed, data=samples, bank=dict(n=len(bank), areas=int(bank.areas.sum())),
+                    paste=paste_kw)
+    loop = ResumableLoop(ckpt_path, dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D, config=Stateful(lambda: config, lambda st: None)),
+                         settings, steps, step_fn, ckpt_every=ckpt_every, max_seconds=max_seconds, extend=extend,
+                         progress=progress, desc='smooth-GAN').run()
+    return G.eval(), D.eval(), loop.history
+
 
 # %% ../../nbs/11_insmix.ipynb #86188544
 @torch.no_grad()
@@ -516,12 +464,13 @@ class InsMix(Augmentation):
                  paste_ratio:float=0.5, # pasted nuclei relative to the crop's nucleus count
                  random_count:bool=True, # draw the count in 1..round(paste_ratio*N)
                  max_tries:int=20, # template / placement tries per anchor
-                 min_area:int=10, # occluded remnants below this are dropped; also the bank's smallest template
+                 min_area:int=10, # smallest remnant an occluded nucleus may keep; also the bank's smallest template
                  alpha:float=0.2, # share of nucleus-free background patches shuffled
                  patch:int=20, # background patch side
                 ):
         if paste not in ('ssd', 'random', None): raise ValueError(f"paste must be 'ssd', 'random' or None, got {paste!r}")
         if generator is not None and paste is None: raise ValueError('smoothing needs pasted templates (paste=None given)')
+        _check_bgp(alpha, patch)
         super().__init__(min_area)
         self.paste, self.bgp, self.epsilon, self.rho, self.delta, self.gamma = paste, bgp, epsilon, rho, delta, gamma
         self.paste_ratio, self.random_count, self.max_tries, self.alpha, self.patch = paste_ratio, random_count, max_tries, alpha, patch
@@ -552,25 +501,56 @@ class InsMix(Augmentation):
         return self._bank
 
     def apply(self, sample, area, rng, pool) -> Augmented:
-        rec = dict(method=self.name, params=self.config(), image_id=sample.meta.get('image_id'), steps=[])
-        out = sample
+        c = Canvas(sample, area, self.min_area); steps = []
         if self.paste:
             bank = self._bank_for(pool)
-            out, r = ssd_copy_paste(out, bank, rng, self.epsilon, self.rho, self.delta, self.gamma, self.paste_ratio,
-                                    self.random_count, self.paste == 'ssd', self.max_tries, self.min_area)
-            rec['steps'].append(r)
+            check_typing(sample, bank, 'instance bank')
+            steps.append(_ssd_paste(c, bank, rng, self.epsilon, self.rho, self.delta, self.gamma, self.paste_ratio,
+                                    self.random_count, self.paste == 'ssd', self.max_tries))
             if self._generator is not None:
-                M = pasted_mask(out, r)
-                out = replace(out, image=smooth(self._generator, out.image, M, (out.inst_map > 0) & ~M))
-                rec['steps'].append(dict(op='smooth', n_pixels=int(M.sum())))
-        if self.bgp:
-            out, r = background_perturbation(out, rng, self.alpha, self.patch)
-            rec['steps'].append(r)
-        out = out.copy() if out is sample else out
-        out.meta = {**out.meta, 'augment': [*sample.meta.get('augment', []), rec]}
-        return Augmented(out, rec)
+                M = np.isin(c.code, [p['code'] for p in steps[0]['pasted']])
+                c.image = smooth(self._generator, c.image, M, (c.code > 0) & ~M)
+                steps.append(dict(op='smooth', n_pixels=int(M.sum())))
+        if self.bgp: steps.append(_shuffle_background(c.image, c.code > 0, rng, self.alpha, self.patch))
+        out = c.finish(self.name, self.config(), steps=steps)
+        if self.paste: _final_ids(c, out.record['steps'][0])
+        return out
 
     @staticmethod
     def pasted(rec:dict) -> list:
         "The pasted-template entries of an InsMix record."
         return [p for s in rec.get('steps', []) if s.get('op') == 'ssd_copy_paste' for p in s['pasted']]
+
+# %% ../../nbs/11_insmix.ipynb #557b4742
+INSMIX_SCHEDULE = dict(epochs=300, lr=1e-3, weight_decay=1e-4, T_0=50, T_mult=1, eta_min=0.0) # Sec. 3, `TrainConfig` fields
+
+_KUMAR_COLS = {'dice_all': 'Dice (all)', 'aji_all': 'AJI (all)', 'aji_seen': 'AJI (seen organs)',
+               'aji_unseen': 'AJI (unseen organs)', 'dice_seen': 'Dice (seen organs)', 'dice_unseen': 'Dice (unseen organs)'}
+def _kumar(row, label, vals, segmenter=None):
+    r = dict(row=row, label=label, **{k: v for k, v in zip(_KUMAR_COLS, vals) if v is not None})
+    return {**r, 'segmenter': segmenter} if segmenter else r
+
+INSMIX_KUMAR = dict(  # Tables 1-3 of the paper, Kumar, in %
+    paper='InsMix (Lin et al., MICCAI 2022)', table='Tables 1-3', dataset='kumar', unit='%', segmenter='TAFE',
+    metrics=_KUMAR_COLS,
+    rows=[_kumar('Baseline', 'HoVer-Net (Res50), Table 1', (80.52, 58.03, 59.35, 56.27, 80.60, 80.41), 'HoVer-Net'),
+          _kumar('Baseline', 'TAFE, Tables 1 and 3', (82.06, 61.52, 61.51, 61.54, 80.81, 83.72)),
+          _kumar('+SSD', 'Table 3', (None, 62.08, None, None, None, None)),
+          _kumar('+BgP', 'Table 3', (None, 62.24, None, None, None, None)),
+          _kumar('+SSD+s-GAN', 'Table 3', (None, 62.37, None, None, None, None)),
+          _kumar('+SSD+BgP+s-GAN', 'TAFE + InsMix, Tables 1-3', (82.56, 63.31, 61.98, 65.07, 81.18, 84.40)),
+          *[_kumar(n, 'Table 2', (d, a, None, None, None, None)) for n, d, a in
+            (('MixUp', 81.21, 61.68), ('CutOut', 82.01, 62.29), ('CutMix', 82.33, 61.61), ('CowOut', 82.27, 62.87),
+             ('CowMix', 81.80, 61.19))]])
+
+INSMIX_CPS = dict(  # Table 4 of the paper, CPS 5-fold cross-validation, mean and std over folds, in %
+    paper='InsMix (Lin et al., MICCAI 2022)', table='Table 4', dataset='cps', unit='%', segmenter='TAFE',
+    metrics={'dice_all': 'Dice', 'aji_all': 'AJI'},
+    rows=[dict(row=r, label='Table 4', dice_all=[d, ds], aji_all=[a, as_]) for r, d, ds, a, as_ in (
+        ('Baseline', 69.29, 4.41, 49.45, 4.44), ('MixUp', 69.83, 3.87, 49.83, 3.82), ('CutOut', 69.79, 4.16, 50.23, 4.00),
+        ('CutMix', 68.81, 3.03, 48.48, 2.43), ('CowOut', 61.91, 10.46, 39.77, 9.98), ('CowMix', 69.40, 4.30, 48.06, 4.79),
+        ('+SSD+BgP+s-GAN', 70.96, 4.59, 51.54, 3.93))])
+
+INSMIX_TABLES = {'kumar': INSMIX_KUMAR, 'cps': INSMIX_CPS} # the paper's tables by dataset
+COMPARATOR = 'HoVer-Net' # the segmenter nucbook trains: the only comparable rows are the paper's HoVer-Net rows
+

@@ -1,0 +1,107 @@
+"The GPU check script (benchmarks/gpu_check.py): its CPU smoke run, the no-GPU exit, FLOP counting and TFLOP/s arithmetic."
+import importlib.util, os, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'benchmarks' / 'gpu_check.py'
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location('gpu_check', SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules['gpu_check'] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gc = _load()
+
+
+def _run(*args, hide_gpu=False, timeout=120):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1',
+           'NO_ALBUMENTATIONS_UPDATE': '1', 'MPLBACKEND': 'Agg'}
+    if hide_gpu: env['CUDA_VISIBLE_DEVICES'] = ''
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cpu_smoke_gives_a_row_per_model_and_a_summary():
+    r = _run('--cpu-smoke', '--threads', '1')
+    out = r.stdout
+    assert r.returncode == 0, out + r.stderr
+    table = out[out.rindex('\nmodel ') + 1:]
+    rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:] if line and not line.startswith((' ', 'SUMMARY'))}
+    names = [e.name for e in gc.REGISTRY]
+    assert len(names) >= 7 and {'hovernet', 'smooth-gan', 'unet', 'semantic-unet', 'ddim-sample'} <= set(names)
+    for name in names: assert rows.get(name) == 'ok', (name, out, r.stderr)
+    last = out.strip().splitlines()[-1]
+    assert last.startswith('SUMMARY: PASS'), out
+    assert f'{len(names)}/{len(names)} models ok' in last
+
+
+def test_without_gpu_exits_2_and_says_so():
+    "CUDA_VISIBLE_DEVICES='' hides any GPU, so this runs on GPU machines too."
+    r = _run(hide_gpu=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert 'no GPU available' in r.stderr
+    assert 'SUMMARY' not in r.stdout
+
+
+def test_flop_counter_on_a_linear_layer_matches_a_hand_count():
+    torch.manual_seed(0)
+    b, n_in, n_out = 16, 32, 8
+    lin = torch.nn.Linear(n_in, n_out)
+    x = torch.randn(b, n_in, requires_grad=True)
+    flops = gc.count_flops(lambda: lin(x).sum().backward())
+    # forward: one b x in @ in x out product = 2*b*in*out; backward: grad of the input and of the weight, the same each
+    assert flops == 3 * 2 * b * n_in * n_out
+
+
+def test_flop_counter_survives_autograd_grad_on_a_leaf():
+    "MCG takes torch.autograd.grad of a loss w.r.t. its input: FlopCounterMode's module tracker cannot follow that."
+    lin = torch.nn.Linear(32, 8)
+    def step():
+        x = torch.randn(4, 32, requires_grad=True)
+        torch.autograd.grad(lin(x).square().sum(), x)
+    # forward product + the input-gradient product (no weight gradient asked for)
+    assert gc.count_flops(step) == 2 * (2 * 4 * 32 * 8)
+
+
+def test_tflops_arithmetic():
+    assert gc.achieved_tflops(4e12, 0.01) == pytest.approx(400.0)
+    assert gc.achieved_tflops(1.5e15, 3.0) == pytest.approx(500.0)
+    assert gc.utilisation(494.5, 989.0) == pytest.approx(50.0)
+    assert gc.utilisation(378.0, 756.0) == pytest.approx(50.0)
+    assert gc.utilisation(100.0, None) is None and gc.utilisation(None, 989.0) is None
+
+
+@pytest.mark.parametrize('name,label,peak', [
+    ('NVIDIA H200', 'H200', 989.0),
+    ('NVIDIA H100 80GB HBM3', 'H100 SXM', 989.0),
+    ('NVIDIA H100 SXM5 80GB', 'H100 SXM', 989.0),
+    ('NVIDIA H100 PCIe', 'H100 PCIe', 756.0),
+    ('NVIDIA H100 NVL', None, None),
+    ('NVIDIA A10G', None, None),
+])
+def test_peak_table(name, label, peak):
+    assert gc.peak_bf16_tflops(name) == (label, peak)
+
+
+def test_summary_and_table_mark_failures():
+    rows = [dict(name='a', status='ok', fp32_ok=True, bf16_ok=True),
+            dict(name='b', status='FAILED', error='build: ImportError: cannot import X')]
+    ok, line = gc.summary(rows, 12.0, 'cpu')
+    assert not ok and line.startswith('SUMMARY: FAIL') and 'b (FAILED)' in line and '1/2 models ok' in line
+    table = gc.format_table(rows)
+    assert 'FAILED' in table and 'build: ImportError' in table
+    assert gc.summary(rows[:1], 1.0, 'cpu')[0]
+
+
+def test_a_failing_model_gives_a_failed_row_not_a_crash():
+    ctx = gc.Ctx(torch.device('cpu'), smoke=True)
+    def build(ctx): gc.need('NoSuchModel', 'nucbook.models.no_such_module', 'nucbook.models.hovernet')
+    row = gc.run_entry(gc.Entry('broken', build), ctx, None, 10.0)
+    assert row['status'] == 'FAILED'
+    assert 'ImportError' in row['error'] and 'nucbook.models.no_such_module' in row['error']
