@@ -140,11 +140,12 @@ def absolute_paths(
     params:dict, # parameter values as given on the command line
     cwd:str|Path|None=None, # folder relative paths are taken from (default: the current folder)
 ) -> dict:
-    "String values that look like paths (contain a `/`, or start with `.` or `~`) and exist made absolute: notebooks run from `nbs/`."
+    "String values naming an existing path (with a `/`, or starting with `.` or `~`, or a folder here) made absolute: notebooks run from `nbs/`."
     base = Path(cwd or Path.cwd())
     out = {}
     for k, v in params.items():
-        if isinstance(v, str) and ('/' in v or v.startswith(('.', '~'))) and not Path(v).expanduser().is_absolute():
+        if isinstance(v, str) and v and ('/' in v or v.startswith(('.', '~')) or (base/v).is_dir()) \
+                and not Path(v).expanduser().is_absolute():
             p = (base/Path(v).expanduser()) if not v.startswith('~') else Path(v).expanduser()
             if p.exists(): v = str(p.resolve())
         out[k] = v

@@ -121,3 +121,15 @@ def test_smoke_notebook_beats_untrained(tmp_path):
     assert m['aji'] > m['untrained_aji'] + 0.2 and m['aji'] > 0.3, m
     assert m['dice1'] > 0.8 and 0 <= m['classification']['F_d'] <= 1
     assert (tmp_path/'run'/'predictions.png').exists() and (tmp_path/'run'/'train'/'last.pt').exists()
+    # a re-run into the same folder with other settings is refused, and the records keep saying what ran
+    before = (tmp_path/'run'/'metrics.json').read_text()
+    p = subprocess.run(cmd + ['-p', 'epochs', '10'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and 'epochs' in p.stderr and 'cannot be shortened' in p.stderr, p.stderr[-3000:]
+    rec = json.loads((tmp_path/'run'/'params.json').read_text())
+    assert rec['status'] == 'failed' and 'epochs' in rec['error']
+    assert (tmp_path/'run'/'metrics.json').read_text() == before  # the finished run's metrics are not relabelled
+    # training on is explicit: one more epoch with extend, and the records say 21
+    p = subprocess.run(cmd + ['-p', 'epochs', '21', '-p', 'extend', 'true'], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    m2 = json.loads((tmp_path/'run'/'metrics.json').read_text())
+    assert m2['epochs'] == 21 and json.loads((tmp_path/'run'/'params.json').read_text())['resolved']['epochs'] == 21

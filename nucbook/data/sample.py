@@ -222,19 +222,18 @@ def make_sample(
     image = as_rgb_uint8(image, src)
     raw = check_inst_map(inst_map, image.shape, src)
     if type_map is not None: type_map = check_inst_map(type_map, image.shape, src)
-    if isinstance(inst_types, dict) or inst_types is not None:
-        # per-instance types keyed by the ORIGINAL ids: paint them so that renumbering keeps them attached
-        if isinstance(inst_types, dict): lut = inst_types
+    # renumber by the unique stored ids BEFORE any narrowing cast: ids above 2**31-1 stay distinct instances
+    ids, inv = np.unique(raw, return_inverse=True)
+    fg = ids > 0; stored = ids[fg]
+    m = np.cumsum(fg).astype(np.int32)[inv.reshape(raw.shape)]
+    if inst_types is not None:
+        # per-instance types keyed by the ORIGINAL ids, carried to the new ids
+        if isinstance(inst_types, dict): tv = [int(inst_types.get(int(k), 0)) for k in stored.tolist()]
         else:
-            ids = np.unique(raw); ids = ids[ids > 0]
-            if len(inst_types) != len(ids):
-                raise LabelError(f'{_where(src)}{len(inst_types)} instance types for {len(ids)} instances')
-            lut = dict(zip(ids.tolist(), np.asarray(inst_types).ravel().tolist()))
-        arr = np.zeros(int(raw.max()) + 1, np.int64)
-        for k, v in lut.items():
-            if 0 < int(k) < len(arr): arr[int(k)] = int(v)
-        type_map = arr[raw]
-    m = raw.astype(np.int32) if raw.dtype != np.int32 else raw
+            if len(inst_types) != len(stored):
+                raise LabelError(f'{_where(src)}{len(inst_types)} instance types for {len(stored)} instances')
+            tv = np.asarray(inst_types).ravel().astype(np.int64).tolist()
+        type_map = np.asarray([0] + tv, np.int64)[m]
     if min_area > 1: m = remove_small_instances(m, min_area)
     m = to_inst_map(m, source=src)[0]
     if type_map is not None:
