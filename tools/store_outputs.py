@@ -1,10 +1,10 @@
 """Refresh the stored outputs of the walkthrough and paper notebooks (`make outputs`).
 
-Each notebook is run with `nucbook run` at its defaults (the CPU smoke profile, synthetic data) into
-`runs/stored-outputs/<name>/`; the executed cells' outputs are copied back into `nbs/<name>.ipynb`, large PNG figures are
+Each notebook is run afresh with `nucbook run` at its defaults (the CPU smoke profile, synthetic data) into
+`runs/stored-outputs/<name>/` (emptied first); the executed cells' outputs are copied back into `nbs/<name>.ipynb`, large PNG figures are
 re-encoded as JPEG, and the notebook is cleaned with `nbdev-clean`. The Quarto site then shows those figures and tables.
 The source cells are not changed, so the library stays in sync. A notebook that would exceed 1 MB is refused."""
-import argparse, base64, io, json, subprocess, sys
+import argparse, base64, io, json, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,7 @@ def shrink_images(nb:dict) -> int:
 def store(name:str, runs:Path) -> dict:
     from nucbook.cli import run_notebook
     src = ROOT/'nbs'/f'{name}.ipynb'
+    shutil.rmtree(runs/name, ignore_errors=True)  # a fresh run: cached rows of older code must not be shown
     run_dir = run_notebook(src, out=runs/name, progress=False)
     ran = json.loads((run_dir/src.name).read_text())
     orig = json.loads(src.read_text())

@@ -22,6 +22,7 @@ from skimage.segmentation import find_boundaries
 from ..core import get_logger
 from ..eval.fid import fid, kid
 from ..data.sample import Sample
+from ..data.crops import pad_to
 from .loop import ResumableLoop, Stateful, data_identity, step_seed
 from ..models.unet import DIFFUSION_SIZES, make_unet, SemanticUNet, make_semantic_unet, is_semantic
 
@@ -78,14 +79,8 @@ def patch_batch(
     idx = torch.randint(len(samples), (n,), generator=g).tolist()
     imgs, labs = [], []
     for i in idx:
-        s = samples[i]; h, w = s.shape
-        ph, pw = max(0, size - h), max(0, size - w)
-        img, inst = s.image, s.inst_map
-        typ = s.type_map
-        if ph or pw:  # reflect-pad tiles smaller than the patch
-            pad = ((0, ph), (0, pw))
-            img = np.pad(img, pad + ((0, 0),), mode='reflect'); inst = np.pad(inst, pad, mode='reflect')
-            typ = None if typ is None else np.pad(typ, pad, mode='reflect')
+        s = pad_to(samples[i], size, size)  # tiles smaller than the patch: mirrored, mirrored nuclei get new ids
+        img, inst, typ = s.image, s.inst_map, s.type_map
         y0 = int(torch.randint(img.shape[0] - size + 1, (1,), generator=g)); x0 = int(torch.randint(img.shape[1] - size + 1, (1,), generator=g))
         k = int(torch.randint(8, (1,), generator=g)) if augment else 0
         def tf(a):
