@@ -14,11 +14,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-from ..core import get_logger, load_checkpoint, rng_state, save_checkpoint, set_rng_state, timestamp
+from ..core import get_logger, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state, timestamp
 
 # %% auto #0
 __all__ = ['ABSENT', 'FORMAT', 'world_info', 'step_seed', 'data_identity', 'model_settings', 'describe', 'flatten_settings',
-           'settings_diff', 'SettingsMismatch', 'LossHistory', 'Stateful', 'ResumableLoop', 'checkpoint_state']
+           'settings_diff', 'SettingsMismatch', 'LossHistory', 'Stateful', 'code_version', 'ResumableLoop',
+           'checkpoint_state']
 
 # %% ../../nbs/08_loop.ipynb #2450230d
 def world_info() -> tuple[int, int]:
@@ -237,6 +238,16 @@ def _agree(flag:bool) -> bool:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
+@functools.lru_cache(maxsize=1)
+def _code_version() -> tuple:
+    import nucbook
+    g = git_commit(Path(nucbook.__file__).parent)
+    return nucbook.__version__, g.get('commit'), g.get('dirty')
+
+def code_version() -> dict:
+    "The nucbook version and git commit (None outside a git checkout) a checkpoint is written by: a resume warns when they differ."
+    v, c, d = _code_version(); return {'version': v, 'commit': c, 'dirty': d}
+
 class ResumableLoop:
     "Run `step_fn(step)` for `step = 0 .. steps-1` with atomic checkpoints from which a stopped or killed run resumes exactly."
     def __init__(self,
@@ -271,6 +282,7 @@ class ResumableLoop:
         self._restored = self._stop_requested = self._save_requested = False
         self._t_run = None
         self.log = get_logger('nucbook.engine.loop')
+        self.code = code_version()
 
     @property
     def finished(self) -> bool: return self.step >= self.steps
@@ -303,6 +315,11 @@ class ResumableLoop:
         for k, o in self.state.items(): o.load_state_dict(ck['state'][k])
         self.history.load_state_dict(ck['history'])
         set_rng_state(ck['rng'])
+        old = ck.get('code') or {}
+        if old.get('commit') != self.code.get('commit') or old.get('version') != self.code.get('version'):
+            self.log.warning(f"{self.path} was written by nucbook {old.get('version')} at commit {old.get('commit')}; "
+                             f"this code is {self.code.get('version')} at {self.code.get('commit')}: the settings agree, "
+                             'but what the code does with them may have changed')
         self.step = self.resumed_from = int(ck['step'])
         self.elapsed = float(ck.get('elapsed', 0.0))
         if world_info()[0] == 0: self.log.info(f'resumed from {self.path}: step {self.step} of {self.steps}')
@@ -313,7 +330,7 @@ class ResumableLoop:
         el = self.elapsed + (time.monotonic() - self._t_run if self._t_run is not None else 0.0)
         return {'format': FORMAT, 'step': self.step, 'steps': self.steps, 'settings': self.settings,
                 'state': {k: o.state_dict() for k, o in self.state.items()}, 'rng': rng_state(),
-                'history': self.history.state_dict(), 'elapsed': el, 'saved_at': timestamp()}
+                'history': self.history.state_dict(), 'elapsed': el, 'saved_at': timestamp(), 'code': self.code}
 
     def save(self):
         "Write the checkpoint to `path` atomically (rank 0 only)."
