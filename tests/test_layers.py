@@ -76,6 +76,28 @@ def test_library_import_graph_follows_the_layers():
     assert not bad, 'layer violations:\n' + '\n'.join(bad)
 
 
+def private_imports(pkg_root:Path) -> list[str]:
+    "Every `from <another nucbook module> import _private`: such helpers must be made public or moved."
+    bad = []
+    for path in sorted(pkg_root.rglob('*.py')):
+        if path.stem == '_modidx': continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or '').split('.')[0] == pkg_root.name):
+                names = [a.name for a in node.names if a.name.startswith('_') and not a.name.startswith('__')]
+                if names: bad.append(f'{path}:{node.lineno}: imports private {", ".join(names)} from another module')
+    return bad
+
+
+def test_no_private_helpers_cross_modules():
+    bad = private_imports(ROOT/'nucbook')
+    assert not bad, '\n'.join(bad)
+
+
+def test_private_import_checker(tmp_path):
+    root = _tree(tmp_path, {'engine/train.py': 'from .infer import _autocast\nfrom ..core import get_device\n'})
+    assert len(private_imports(root)) == 1 and '_autocast' in private_imports(root)[0]
+
+
 def test_every_layer_is_a_subpackage():
     for layer in LAYERS:
         p = ROOT/'nucbook'/(f'{layer}.py' if layer == 'cli' else layer)

@@ -14,7 +14,7 @@ import cv2
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 from ..data.sample import (Sample, LabelError, check_sample, keep_largest_component, type_map_from_types,
-                                 instance_centroids, _who)
+                                 instance_centroids, source_name)
 
 # %% auto #0
 __all__ = ['RECORD_KEYS', 'INSTANCE_KEYS', 'DROPPED_KEYS', 'RECORD_COLOURS', 'Augmented', 'jsonable', 'check_record',
@@ -80,7 +80,7 @@ def check_typing(
     who:str='donor', # how error messages name `other`
 ):
     "Raise `LabelError` unless `other` carries nucleus types exactly when `sample` does."
-    if isinstance(other, Sample): typed, what, who = other.has_types, 'one', _who(other, who)
+    if isinstance(other, Sample): typed, what, who = other.has_types, 'one', source_name(other, who)
     else: typed, what = getattr(other, 'typed', None), 'instance bank'
     if typed is None or bool(typed) == sample.has_types: return
     art = lambda t: 'a typed' if t else 'an untyped'

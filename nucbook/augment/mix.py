@@ -16,7 +16,7 @@ import cv2
 from scipy import ndimage as ndi
 from scipy.special import erfinv
 from ..core import as_rng, atomic_write, atomic_write_json
-from ..data.sample import Sample, LabelError, check_sample, instance_centroids, _who
+from ..data.sample import Sample, LabelError, check_sample, instance_centroids, source_name
 from .canvas import Augmented, Canvas, check_donor, check_typing, jsonable
 
 # %% auto #0
@@ -29,10 +29,10 @@ def _aligned(s:Sample, d:Sample, rng:np.random.Generator|None, role:str) -> tupl
     "The donor, randomly cropped to the sample's size when larger; `(donor view, [x0, y0] of the crop)`."
     (h, w), (H, W) = s.shape, d.shape
     if H < h or W < w:
-        raise LabelError(f'{_who(d, role)}: donor is {W}x{H}, smaller than the {w}x{h} sample; pixel-aligned mixing '
+        raise LabelError(f'{source_name(d, role)}: donor is {W}x{H}, smaller than the {w}x{h} sample; pixel-aligned mixing '
                          'needs donors at least the sample\'s size')
     if (H, W) == (h, w): return d, [0, 0]
-    if rng is None: raise LabelError(f'{_who(d, role)}: donor size {W}x{H} differs from the sample\'s {w}x{h}')
+    if rng is None: raise LabelError(f'{source_name(d, role)}: donor size {W}x{H} differs from the sample\'s {w}x{h}')
     y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
     sl = np.s_[y0:y0 + h, x0:x0 + w]
     view = Sample(d.image[sl], d.inst_map[sl], None if d.type_map is None else d.type_map[sl], d.inst_types, d.meta)
@@ -333,7 +333,7 @@ class CopyPaste(Augmentation):
 
     def apply(self, sample, area, rng, pool):
         if self.types is not None and not sample.has_types:
-            raise LabelError(f'{_who(sample, "sample")}: copypaste with types={self.types} needs a typed sample')
+            raise LabelError(f'{source_name(sample, "sample")}: copypaste with types={self.types} needs a typed sample')
         c = Canvas(sample, area, self.min_area); params = self.config()
         j = pick_donor(pool, rng, sample, accept=lambda s: len(self._eligible(s)) > 0)
         if j is None: return c.finish(self.name, {**params, 'n_pasted': 0}, steps=[{'op': 'paste', 'pastes': [], 'refused': 0}])
@@ -421,12 +421,12 @@ class GradMix(Augmentation):
         hit = self._tables.get(id(s))
         if hit is not None and hit[0]() is s: return hit[1]
         area = check_donor(s, f'pool[{j}]')
-        if not s.has_types: raise LabelError(f'{_who(s, f"pool[{j}]")}: GradMix needs typed samples')
+        if not s.has_types: raise LabelError(f'{source_name(s, f"pool[{j}]")}: GradMix needs typed samples')
         t = self._rare_table(s, area); self._tables[id(s)] = (weakref.ref(s), t)
         return t
 
     def apply(self, sample, area, rng, pool):
-        if not sample.has_types: raise LabelError(f'{_who(sample, "sample")}: GradMix needs typed samples')
+        if not sample.has_types: raise LabelError(f'{source_name(sample, "sample")}: GradMix needs typed samples')
         c = Canvas(sample, area, self.min_area); m, img0 = sample.inst_map, sample.image; H, W = m.shape
         types = np.asarray(sample.inst_types); n = len(types)
         cen = instance_centroids(m) if n else np.zeros((0, 2)); mg = self.margin

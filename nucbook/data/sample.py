@@ -16,7 +16,8 @@ from skimage.segmentation import relabel_sequential
 
 # %% auto #0
 __all__ = ['LabelError', 'as_rgb_uint8', 'check_inst_map', 'to_inst_map', 'remove_small_instances', 'keep_largest_component',
-           'types_from_type_map', 'type_map_from_types', 'instance_centroids', 'Sample', 'check_sample', 'make_sample']
+           'types_from_type_map', 'type_map_from_types', 'instance_centroids', 'Sample', 'source_name', 'check_sample',
+           'make_sample']
 
 # %% ../../nbs/01_sample.ipynb #6f60e5c2
 class LabelError(ValueError):
@@ -171,7 +172,10 @@ class Sample:
         check_sample(self)
         return self
 
-def _who(s, role:str) -> str:
+def source_name(
+    s, # a Sample (or anything with a `meta` dict)
+    role:str, # what the caller calls it, e.g. 'sample' or 'pool[3]'
+) -> str:
     "How an error message names a sample: `role (source or image_id)`, or the role alone."
     meta = getattr(s, 'meta', None)
     src = (meta.get('source') or meta.get('image_id')) if isinstance(meta, dict) else None
@@ -183,7 +187,7 @@ def check_sample(
 ) -> np.ndarray:
     "Raise `LabelError` naming the sample and the problem unless `s` keeps every convention; return its instance areas (index 0 = background)."
     if not isinstance(s, Sample): raise LabelError(f'{role}: expected a nucbook Sample, got {type(s).__name__}')
-    who = _who(s, role); im, m = s.image, s.inst_map
+    who = source_name(s, role); im, m = s.image, s.inst_map
     if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
         raise LabelError(f'{who}: image must be uint8 H x W x 3, got {getattr(im, "dtype", type(im))} {np.shape(im)}')
     if not isinstance(m, np.ndarray) or m.ndim != 2:
