@@ -133,3 +133,26 @@ def test_smoke_notebook_beats_untrained(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     m2 = json.loads((tmp_path/'run'/'metrics.json').read_text())
     assert m2['epochs'] == 21 and json.loads((tmp_path/'run'/'params.json').read_text())['resolved']['epochs'] == 21
+
+
+def test_baseline_notebook_on_an_own_folder_records_what_ran(tmp_path):
+    "`nucbook run 10a_baseline -p dataset <folder>` on plain images/ + labels/: a seeded split, recorded with the folder."
+    from nucbook.data.synth import synth_dataset
+    from nucbook.data.datasets import save_own_folder
+    folder = tmp_path/'mydata'
+    save_own_folder(synth_dataset(8, 'train', seed=5, size=128), folder, types=False)
+    assert sorted(p.name for p in folder.iterdir()) == ['images', 'labels']
+    cmd = [str(Path(sys.executable).parent/'nucbook'), 'run', '10a_baseline', '-p', 'dataset', 'mydata', '-p', 'epochs', '1',
+           '--out', str(tmp_path/'run'), '--no-progress']
+    p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)  # a relative folder name
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rec = json.loads((tmp_path/'run'/'params.json').read_text())['resolved']
+    m = json.loads((tmp_path/'run'/'metrics.json').read_text())
+    for d in (rec, m):
+        assert d['dataset_resolved'] == str(folder.resolve()) and d['dataset_kind'] == 'folder'
+        assert d['split'] == {'method': 'seeded', 'test_share': 0.25, 'val_share': 0.0, 'seed': 0}
+        assert (d['counts']['train']['images'], d['counts']['test']['images']) == (6, 2)
+        assert d['counts']['train']['nuclei'] + d['counts']['test']['nuclei'] > 0
+    assert 'n_train' not in rec and 'n_test' not in rec  # the synthetic sizes are not recorded for an own folder
+    nb = (tmp_path/'run'/'10a_baseline.ipynb').read_text()
+    assert 'SEEDED split' in nb
