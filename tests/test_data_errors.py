@@ -13,15 +13,7 @@ from nucbook.data import datasets as D
 from nucbook.data.datasets import load_dataset, load_manifest
 from nucbook.data.sample import LabelError
 
-REAL = os.environ.get('NUCBOOK_DATA')
-needs_real = pytest.mark.skipif(not REAL or not Path(REAL).is_dir(), reason='NUCBOOK_DATA not set (real-data test)')
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv('NUCBOOK_CACHE', str(tmp_path / 'label-cache'))
-
-def img(h=16, w=16, seed=0):
-    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+from datahelpers import REAL, needs_real, _cache, img  # noqa: F401 (_cache is an autouse fixture)
 
 def png(path, arr):
     Path(path).parent.mkdir(parents=True, exist_ok=True); Image.fromarray(arr).save(path)

@@ -1,4 +1,6 @@
 "Tests of nucbook.data.crops: cheap crops (exactly the old make_sample path), mirror padding, windows, random patches."
+import importlib.util
+from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -24,19 +26,10 @@ def old_crop(s, y, x, h, w, min_area=0):
     return make_sample(s.image[sl], s.inst_map[sl], type_map=None if s.type_map is None else s.type_map[sl],
                        meta={**s.meta, 'crop_box': (y, x, h, w)}, min_area=min_area)
 
-def old_random_crop(sample, size, rng, min_area=0):
-    "The old `random_crop`, verbatim (white padding)."
-    h, w = sample.shape
-    ph, pw = max(0, size - h), max(0, size - w)
-    img, inst, tmap = sample.image, sample.inst_map, sample.type_map
-    if ph or pw:
-        pad = ((0, ph), (0, pw))
-        img = np.pad(img, pad + ((0, 0),), constant_values=255); inst = np.pad(inst, pad)
-        tmap = None if tmap is None else np.pad(tmap, pad)
-    y = int(rng.integers(0, img.shape[0] - size + 1)); x = int(rng.integers(0, img.shape[1] - size + 1))
-    sl = np.s_[y:y + size, x:x + size]
-    return make_sample(img[sl], inst[sl], type_map=None if tmap is None else tmap[sl],
-                       meta={**sample.meta, 'crop_box': (y, x, size, size)}, min_area=min_area)
+# the old `random_crop`, verbatim: one copy, in the benchmark that times it against the new one
+_spec = importlib.util.spec_from_file_location('bench_crop', Path(__file__).resolve().parents[1]/'benchmarks'/'bench_crop.py')
+_bench = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(_bench)
+old_random_crop = _bench.old_random_crop
 
 def cut_ids(s, y, x, h, w):
     "Ids crossing the window border (a pixel inside 8-adjacent to one of theirs outside), by 2-D shifts of the map."
