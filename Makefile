@@ -10,11 +10,12 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: venv demo test check-sync nbtest pytest export clean-nbs docs bench outputs gpu-check help
+.PHONY: venv demo test check-sync nbtest pytest export clean-nbs docs bench outputs gpu-check lab help
 help:
 	@echo "make demo   run the main notebook (CPU smoke profile, synthetic data) into runs/"
 	@echo "make test   check notebooks/library are in sync and clean, run notebook tests and pytest"
 	@echo "make export regenerate nucbook/ from nbs/ and clean the notebooks"
+	@echo "make lab    JupyterLab on 127.0.0.1 (repo root, opens nbs/, the .venv kernel); LAB_ARGS=\"--no-browser --port=8899\""
 	@echo "make bench  run the benchmark scripts (figures printed)"
 	@echo "make gpu-check  on a GPU (H100/H200, < 8 min): paper-size train steps and samplers, speed, memory, TFLOP/s, GPU-vs-CPU checks"
 	@echo "make outputs re-run the walkthrough and paper notebooks (smoke) and store their outputs for the site"
@@ -27,7 +28,7 @@ venv:
 	  echo "== setting up $(VENV) (pins changed or venv missing; takes ~3 minutes)"; \
 	  rm -rf $(VENV); $(PYTHON) -m venv $(VENV); \
 	  $(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }; \
-	  $(BIN)/python -c "import nucbook, torch, papermill, nbdev" || { echo "venv set-up failed"; exit 1; }; \
+	  $(BIN)/python -c "import nucbook, torch, papermill, nbdev, jupyterlab" || { echo "venv set-up failed"; exit 1; }; \
 	  echo "$$want" > $(VENV)/.pins; \
 	fi
 
@@ -37,6 +38,11 @@ demo: venv
 export: venv
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
+
+# JupyterLab from .venv on loopback, rooted here, opening nbs/, with the venv's python3 kernel (tools/lab.sh).
+LAB_ARGS ?=
+lab: venv
+	bash tools/lab.sh $(LAB_ARGS)
 
 # Fail if nbdev-export or nbdev-clean would change any file.
 check-sync: venv

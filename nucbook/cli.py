@@ -7,12 +7,13 @@ Docs: https://nucbook.github.io/nucbook/cli.html.md"""
 
 # %% ../nbs/00a_cli.ipynb #c2983f26
 from __future__ import annotations
-import argparse, ast, hashlib, itertools, json, os, re, subprocess, sys, time, warnings
+import argparse, ast, hashlib, itertools, json, os, re, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 import yaml
-from .core import (PROFILES, RUN_DIR_ENV, atomic_write_json, atomic_write_text, environment_info, git_commit,
+from .core import (PROFILES, PROGRESS_ENV, PROGRESS_EVERY_ENV, RUN_DIR_ENV, format_duration, atomic_write_json, atomic_write_text, environment_info, git_commit,
                           new_run_dir)
 
 # %% auto #0
@@ -136,6 +137,35 @@ def _notebook_cell(path:Path, cell_index:int, injected:bool) -> int|None:
     at = next((i + 1 for i, t in enumerate(tags) if 'parameters' in t), 0)  # inserted after the parameters cell
     return None if cell_index == at else cell_index - (cell_index > at)
 
+class _Tail:
+    "The lines another process appends to `path`, passed to `fn` as they come (a thread reads every `poll` seconds)."
+    def __init__(self, path:Path, fn:Callable[[str], None], poll:float=0.2):
+        self.path, self.fn, self.poll = Path(path), fn, poll
+        self._pos, self._rest, self._stop = 0, b'', threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+    def __enter__(self): self._thread.start(); return self
+    def __exit__(self, *exc):
+        self._stop.set(); self._thread.join(); self.read()
+        if self._rest: self._pass(self._rest); self._rest = b''  # a last line without its newline
+    def _watch(self):
+        while not self._stop.wait(self.poll): self.read()
+    def _pass(self, line:bytes):
+        try: self.fn(line.decode('utf-8', 'replace'))
+        except (OSError, ValueError): pass  # a closed terminal (broken pipe) must not stop the run
+    def read(self):
+        "Pass on the complete lines written since the last read."
+        try:
+            with open(self.path, 'rb') as f: f.seek(self._pos); data = f.read()
+        except FileNotFoundError: return
+        self._pos += len(data)
+        *lines, self._rest = (self._rest + data).split(b'\n')
+        for line in lines: self._pass(line)
+
+def _print_line(line:str):
+    "Print a progress line on stdout at once, above papermill's cell bar (on stderr)."
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stdout); sys.stdout.flush()
+
 def absolute_paths(
     params:dict, # parameter values as given on the command line
     cwd:str|Path|None=None, # folder relative paths are taken from (default: the current folder)
@@ -159,9 +189,14 @@ def run_notebook(
     runs_root:str|Path='runs', # parent of new run folders
     progress:bool=True, # show papermill's cell progress bar
     timeout:int|None=None, # seconds allowed per cell (None: no limit)
+    log:Callable[[str], None]|None=None, # gets the start line and the training loops' progress lines as they come (None: stdout)
+    progress_every:float|None=None, # seconds between two progress lines of a loop (None: $NUCBOOK_PROGRESS_EVERY, else 30)
 ) -> Path:
     "Execute `notebook` with papermill into a run folder; return the folder, or raise `RunError`."
     import papermill as pm
+    if progress_every is not None and not progress_every >= 0:
+        raise RunError(f'progress_every must be a number of seconds >= 0, got {progress_every!r}')
+    log = log or _print_line
     path = find_notebook(notebook)
     given = absolute_paths(dict(parameters or {}))
     if profile is not None: given['profile'] = profile
@@ -173,9 +208,13 @@ def run_notebook(
                   seed=params.get('seed'), git=git_commit(path.parent), environment=environment_info(),
                   run_dir=str(run_dir), started=datetime.now().isoformat(timespec='seconds'), status='running')
     atomic_write_json(run_dir/'params.json', record)
-    env_keep = {k: os.environ.get(k) for k in (RUN_DIR_ENV, 'HF_HUB_OFFLINE', 'NO_ALBUMENTATIONS_UPDATE', 'MPLBACKEND')}
+    progress_log = run_dir/'progress.log'
+    progress_log.unlink(missing_ok=True)  # a re-run into the same folder starts a new log
+    env_keep = {k: os.environ.get(k) for k in (RUN_DIR_ENV, 'HF_HUB_OFFLINE', 'NO_ALBUMENTATIONS_UPDATE', 'MPLBACKEND',
+                                               PROGRESS_ENV, PROGRESS_EVERY_ENV)}
     os.environ.update({RUN_DIR_ENV: str(run_dir), 'HF_HUB_OFFLINE': os.environ.get('HF_HUB_OFFLINE', '1'),
-                       'NO_ALBUMENTATIONS_UPDATE': '1'})
+                       'NO_ALBUMENTATIONS_UPDATE': '1', PROGRESS_ENV: str(progress_log)})
+    if progress_every is not None: os.environ[PROGRESS_EVERY_ENV] = str(progress_every)
     os.environ.pop('MPLBACKEND', None)  # the kernel's inline backend draws the figures
     t0 = time.time()
     def _finish(status, **extra):
@@ -183,9 +222,11 @@ def run_notebook(
         done.update(status=status, finished=datetime.now().isoformat(timespec='seconds'),
                     duration_s=round(time.time() - t0, 1), **extra)
         atomic_write_json(run_dir/'params.json', done)
+    log(f'running {path.name} in {run_dir}')
     try:
-        pm.execute_notebook(str(path), str(out_nb), parameters=given, kernel_name='python3', progress_bar=progress,
-                            cwd=str(path.parent), execution_timeout=timeout, log_output=False)
+        with _Tail(progress_log, log):  # the loops' lines, as they come
+            pm.execute_notebook(str(path), str(out_nb), parameters=given, kernel_name='python3', progress_bar=progress,
+                                cwd=str(path.parent), execution_timeout=timeout, log_output=False)
     except pm.PapermillExecutionError as e:
         idx, line = _notebook_cell(path, e.cell_index, bool(given)), _first_line(e.source or '')
         where = (f'cell {idx} (counting all cells from 0): `{line}`' if idx is not None
@@ -260,25 +301,38 @@ def gather_results(out:Path, runs:list) -> 'pd.DataFrame':
         if (d/'metrics.json').exists(): row.update(_flatten(json.loads((d/'metrics.json').read_text())))
         rows.append(row)
     df = pd.DataFrame(rows)
+    # a column with blanks is float in pandas (3 -> '3.0'): integer columns become nullable integers ('3', blank)
+    ints = [c for c in df.columns if df[c].isna().any() and all(
+        isinstance(r[c], int) and not isinstance(r[c], bool) and -2**63 <= r[c] < 2**63 for r in rows if r.get(c) is not None)]
+    df = df.astype({c: 'Int64' for c in ints})
     atomic_write_text(out/'results.csv', df.to_csv(index=False))
     return df
 
-def _run_subprocess(r, profile, out, timeout):
-    "Run one grid entry in its own process (each run needs its own $NUCBOOK_RUN_DIR)."
+def _run_subprocess(r, profile, out, timeout, progress_every=None, on_line=lambda line: None) -> tuple[int, str]:
+    "Run one grid entry in its own process (each run needs its own $NUCBOOK_RUN_DIR); its progress lines go to `on_line` as they come."
     cmd = [sys.executable, '-c', 'from nucbook.cli import main; main()', 'run', str(r['notebook']),
            '--out', str(out/r['name']), '--no-progress']
     if profile: cmd += ['--profile', profile]
     if timeout: cmd += ['--timeout', str(timeout)]
+    if progress_every is not None: cmd += ['--progress-every', str(progress_every)]
     for k, v in r['parameters'].items(): cmd += ['-p', k, json.dumps(v)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    return r['name'], p.returncode, (p.stdout + p.stderr).strip()
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'PYTHONIOENCODING': 'utf-8'}
+    with tempfile.TemporaryFile('w+', encoding='utf-8', errors='replace') as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, encoding='utf-8', errors='replace', env=env)
+        said = []
+        for line in p.stdout:  # the run's stdout: its start line, the loops' progress lines `[desc] ...`, its folder
+            said.append(line.rstrip('\n'))
+            if said[-1].startswith('['): on_line(said[-1])
+        rc = p.wait(); err.seek(0)
+        return rc, ('\n'.join(said) + '\n' + err.read()).strip()
 
 def run_batch(
     grid_file:str|Path, # YAML grid file
     jobs:int=1, # runs executed at the same time
     out:str|Path|None=None, # overrides the grid file's `out`
     timeout:int|None=None, # seconds allowed per cell
-    log=print, # where progress lines go
+    log=print, # gets one line per event: a run started, a progress line of a run, a run ended (called from several threads, one line at a time)
+    progress_every:float|None=None, # seconds between two progress lines of a run's training loop (None: $NUCBOOK_PROGRESS_EVERY, else 30)
 ) -> 'pd.DataFrame':
     "Run every combination of a grid (skipping finished runs), then write and return `results.csv`."
     g = load_grid(grid_file)
@@ -290,48 +344,97 @@ def run_batch(
         except RunError as e: problems.append(f"{r['name']}: {e}")
     if problems: raise RunError(f'{grid_file}: {len(problems)} run(s) cannot start:\n' + '\n'.join(problems))
     log(f"{len(g['runs'])} runs in {out}: {len(g['runs']) - len(todo)} already done, {len(todo)} to run with {jobs} job(s)")
-    failed = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        for i, (name, rc, text) in enumerate(ex.map(lambda r: _run_subprocess(r, g['profile'], out, timeout), todo), 1):
-            log(f"[{i}/{len(todo)}] {name}: {'ok' if rc == 0 else 'FAILED'}")
-            if rc: failed.append(name); log(text[-2000:])
+    lock, ended, failed = threading.Lock(), [], set()
+    def say(line):
+        with lock: log(line)
+    def one(r):
+        name, t0 = r['name'], time.monotonic()
+        say(f'{name}: started')
+        rc, text = _run_subprocess(r, g['profile'], out, timeout, progress_every, lambda line: say(f'{name}: {line}'))
+        with lock:
+            ended.append(name); took = format_duration(time.monotonic() - t0)
+            log(f"[{len(ended)}/{len(todo)}] {name}: {f'ok in {took}' if rc == 0 else f'FAILED after {took}'}")
+            if rc: failed.add(name); log(text[-2000:])
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex: list(ex.map(one, todo))
+    failed = [r['name'] for r in todo if r['name'] in failed]
     df = gather_results(out, g['runs'])
     log(f"results: {out/'results.csv'} ({(df['status'] == 'ok').sum()} ok, {len(failed)} failed)")
     if failed: raise RunError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return df
 
 # %% ../nbs/00a_cli.ipynb #e378c24a
+class _Parser(argparse.ArgumentParser):
+    "An argument parser whose epilog `epilog_fn()` makes only when help is shown (listing datasets imports nucbook.data: seconds)."
+    def __init__(self, *args, epilog_fn:Callable[[], str]|None=None, **kwargs):
+        super().__init__(*args, **kwargs); self.epilog_fn = epilog_fn
+    def format_help(self) -> str:
+        if self.epilog_fn: self.epilog = self.epilog_fn()
+        return super().format_help()
+
+def _datasets_help(cmd:str) -> str:
+    "The registered datasets, for the help of `nucbook fetch`, `verify` and `run`."
+    from nucbook.data.datasets import list_datasets, load_manifest
+    ms, bad = {}, []
+    for n in list_datasets():
+        if n == 'synthetic': continue  # made on the fly: nothing to fetch or verify
+        try: ms[n] = load_manifest(n)
+        except (OSError, ValueError): bad.append(n)
+    names = [n for n, m in ms.items() if m.get('download')]  # 'generic' (the format of your own folders) has no files
+    broken = f" Unreadable manifests: {', '.join(bad)} (`nucbook fetch NAME` says why)." if bad else ''
+    if cmd == 'verify': return f"Datasets: {', '.join(names) or 'none'}.{broken}"
+    if cmd == 'run': return (f"Notebooks with a `dataset` parameter take synthetic, {', '.join(names)}, or the path of your own "
+                             "folder (images/ + labels/), e.g. -p dataset kumar.")
+    direct = [n for n in names if not ms[n].get('manual') and all(d.get('url') for d in ms[n]['download'])]
+    manual = [n for n in names if n not in direct]
+    return (f"Datasets downloaded and checked: {', '.join(direct) or 'none'}. No direct download (get a copy from the "
+            f"dataset's homepage, then `nucbook fetch NAME --from DIR`): {', '.join(manual) or 'none'}. Your own folder "
+            f"needs no fetch: pass its path as the dataset.{broken}")
+
+def _seconds(text:str) -> float:
+    try: s = float(text)
+    except ValueError: s = float('nan')
+    if not s >= 0: raise argparse.ArgumentTypeError(f'expected a number of seconds >= 0, got {text!r}')
+    return s
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='nucbook', description='Run nucbook notebooks and manage datasets.')
+    p = _Parser(prog='nucbook', description='Run nucbook notebooks and manage datasets.')
     sub = p.add_subparsers(dest='cmd', required=True)
-    r = sub.add_parser('run', help='execute a notebook with parameters into a run folder')
+    r = sub.add_parser('run', help='execute a notebook with parameters into a run folder',
+                       description="Execute a notebook with parameters into a run folder; the progress lines of its "
+                       "training loops (step, epoch, loss, ETA) are printed as they come.", epilog_fn=lambda: _datasets_help('run'))
     r.add_argument('notebook', help='notebook path or name in nbs/ (number prefix optional)')
     r.add_argument('-p', '--param', nargs=2, action='append', metavar=('KEY', 'VALUE'), default=[],
                    help='set a parameter (value read as YAML); repeatable')
     r.add_argument('--profile', choices=PROFILES, help="set the notebook's profile parameter")
     r.add_argument('--out', help='run folder (default: runs/<notebook>-<timestamp>)')
     r.add_argument('--timeout', type=int, help='seconds allowed per cell')
-    r.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    r.add_argument('--no-progress', action='store_true', help="hide papermill's cell bar (progress lines still show)")
+    r.add_argument('--progress-every', type=_seconds, metavar='SECONDS',
+                   help='seconds between two progress lines of a training loop (default: $NUCBOOK_PROGRESS_EVERY, else 30)')
     b = sub.add_parser('batch', help='run a parameter grid (resumable) and gather results.csv')
     b.add_argument('grid', help='YAML grid file')
     b.add_argument('--jobs', '-j', type=int, default=1, help='runs at the same time')
     b.add_argument('--out', help="folder of the runs (default: the grid's `out`, else runs/<grid name>)")
     b.add_argument('--timeout', type=int, help='seconds allowed per cell')
-    f = sub.add_parser('fetch', help='download a dataset listed in data_manifests/, verify and unpack it')
-    f.add_argument('name'); f.add_argument('--dest', help='data root (default: $NUCBOOK_DATA, else a user cache folder)')
+    b.add_argument('--progress-every', type=_seconds, metavar='SECONDS',
+                   help="seconds between two progress lines of a run's training loop (default: $NUCBOOK_PROGRESS_EVERY, else 30)")
+    f = sub.add_parser('fetch', help='download a registered dataset, verify and unpack it (or register your copy)',
+                       epilog_fn=lambda: _datasets_help('fetch'))
+    f.add_argument('name', help='dataset name (listed below)'); f.add_argument('--dest', help='data root (default: $NUCBOOK_DATA, else a user cache folder)')
     f.add_argument('--from', dest='from_dir', help='register a copy you already have instead of downloading')
-    v = sub.add_parser('verify', help='check a fetched dataset against its manifest and lock file (exit 1 if it has no hash to check)')
-    v.add_argument('name'); v.add_argument('--root', help='data root (default: $NUCBOOK_DATA, else the user cache folder)')
+    v = sub.add_parser('verify', help='check a fetched dataset against its manifest and lock file (exit 1 if it has no hash to check)',
+                       epilog_fn=lambda: _datasets_help('verify'))
+    v.add_argument('name', help='dataset name (listed below)'); v.add_argument('--root', help='data root (default: $NUCBOOK_DATA, else the user cache folder)')
     return p
 
 def _command(args):
     "Carry out one parsed command."
     if args.cmd == 'run':
         d = run_notebook(args.notebook, {k: parse_value(v) for k, v in args.param}, profile=args.profile,
-                         out=args.out, progress=not args.no_progress, timeout=args.timeout)
+                         out=args.out, progress=not args.no_progress, timeout=args.timeout, progress_every=args.progress_every)
         print(f'run folder: {d}')
     elif args.cmd == 'batch':
-        run_batch(args.grid, jobs=args.jobs, out=args.out, timeout=args.timeout)
+        run_batch(args.grid, jobs=args.jobs, out=args.out, timeout=args.timeout, progress_every=args.progress_every)
     elif args.cmd == 'fetch':
         from nucbook.data.fetch import fetch
         print(f'dataset ready: {fetch(args.name, dest=args.dest, from_dir=args.from_dir)}')

@@ -9,6 +9,21 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _skip_reason(report) -> str:
+    r = report.longrepr
+    return str(r[2] if isinstance(r, tuple) and len(r) == 3 else r)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    "Say how many real-data tests were skipped (NUCBOOK_DATA unset) and how to run them: a skip is not a pass."
+    n = sum('NUCBOOK_DATA' in _skip_reason(r) for r in terminalreporter.stats.get('skipped', []))
+    if n:
+        terminalreporter.write_line(
+            f'{n} real-data test{"s" if n > 1 else ""} skipped: NUCBOOK_DATA is not set. Run them with '
+            '`NUCBOOK_DATA=/path/to/data make test` (CI sets it to ../shared/data when that folder exists).',
+            yellow=True, bold=True)
+
+
 @pytest.fixture
 def data_root():
     "The real datasets (`$NUCBOOK_DATA`, e.g. ../shared/data); tests using it are skipped when it is unset."

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from nucbook.bench import (Splits, load_splits, train_and_evaluate, summarise, format_summary, paper_table, check_paper,
-                           run_record, row_folder, scores)
+                           run_record, run_label, reproduction_gaps, row_folder, scores)
 from nucbook.data.datasets import save_own_folder, seeded_split
 from nucbook.data.synth import synth_dataset
 from nucbook.augment.mix import get_augmentation
@@ -31,8 +31,10 @@ def test_synthetic_splits_groups_and_record():
     r = sp.record
     assert (r['dataset'], r['kind'], r['resolved']) == ('synthetic', 'synthetic', 'synthetic')
     assert r['split']['method'] == 'synthetic' and r['split']['seed'] == 0
-    assert r['counts']['train'] == {'images': 3, 'nuclei': sum(s.n_instances for s in sp.train),
-                                    'image_ids': [s.meta['image_id'] for s in sp.train]}
+    tr = r['counts']['train']
+    assert {k: v for k, v in tr.items() if k != 'groups'} == {'images': 3, 'nuclei': sum(s.n_instances for s in sp.train),
+                                                              'image_ids': [s.meta['image_id'] for s in sp.train]}
+    assert tr.get('groups', {'seen': 0, 'unseen': 0}) == {'seen': 0, 'unseen': 0}  # training tiles have no group
     assert r['counts']['test']['groups'] == {'seen': 2, 'unseen': 2}
     assert sp.n_types == 4 and r['classes']['1'] == 'other'
     # the seen group is the training generator's settings, unseen another one (as the InsMix notebook had it)
@@ -217,3 +219,47 @@ def test_run_record_says_what_ran(own):
     assert (r['profile'], r['model_size'], r['seeds'], r['epochs']) == ('smoke', 'tiny', [0], 3)
     assert run_record(sp.record)['counts'] == r['counts']
     json.dumps(r)
+
+# ---------------------------------------------------------------- labels
+
+KUMAR_PAPER = dict(dataset='kumar', dataset_kind='manifest', dataset_resolved='kumar', split={'method': 'manifest'},
+                   profile='paper', model_size='paper', seeds=[0, 1, 2], epochs=300)
+
+def test_run_label_synthetic_smoke_says_so_from_the_record():
+    sp = load_splits('synthetic', n_train=2, n_test=1, tile_size=48)
+    lab = run_label(run_record(sp, profile='smoke', model_size='tiny', seeds=[0, 1], epochs=15), paper_dataset='kumar')
+    assert lab == ('synthetic data, smoke profile, HoVer-Net (tiny), 15 epochs, seeds 0, 1 — NOT a reproduction '
+                   '(smoke profile; synthetic data; tiny segmenter, not paper size; 15 epochs, not 300)')
+
+def test_run_label_own_folder_names_the_resolved_folder(own):
+    lab = run_label(run_record(load_splits(own), profile='paper', model_size='paper', seeds=0, epochs=300, paper_dataset='kumar'))
+    assert lab.startswith(f'own folder {own.resolve()}, paper profile, HoVer-Net (paper), 300 epochs, seed 0 — NOT a reproduction')
+    assert "own folder, not the paper's kumar" in lab and 'synthetic' not in lab
+
+def test_run_label_kumar_paper_profile_is_a_reproduction_and_smoke_is_not():
+    assert run_label(KUMAR_PAPER, paper_dataset='kumar') == 'kumar, paper profile, HoVer-Net (paper), 300 epochs, seeds 0, 1, 2'
+    assert reproduction_gaps({**KUMAR_PAPER, 'paper_dataset': ['kumar', 'cps']}) == []  # the record may carry the paper's datasets
+    smoke = run_label({**KUMAR_PAPER, 'profile': 'smoke', 'model_size': 'tiny', 'epochs': 15, 'seeds': [0]}, paper_dataset='kumar')
+    assert smoke.startswith('kumar, smoke profile, HoVer-Net (tiny), 15 epochs, seed 0 — NOT a reproduction (smoke profile;')
+    assert 'synthetic' not in smoke
+    # the paper profile elsewhere, cut short, limited, or with a fresh encoder is not a reproduction either
+    assert 'NOT a reproduction (monuseg2018, not the paper\'s kumar)' in run_label({**KUMAR_PAPER, 'dataset_resolved': 'monuseg2018'}, 'kumar')
+    assert reproduction_gaps({**KUMAR_PAPER, 'split': {'method': 'manifest', 'limit': 3}}, 'kumar') == ['at most 3 images per split']
+    assert reproduction_gaps({**KUMAR_PAPER, 'split': {'method': 'seeded'}}, 'kumar') == ["a seeded split, not the paper's"]
+    assert reproduction_gaps({**KUMAR_PAPER, 'encoder_weights': None}, 'kumar') == ['encoder from scratch, not ImageNet weights']
+    assert reproduction_gaps(KUMAR_PAPER) == ["the paper's dataset not given"]
+    assert run_label({**KUMAR_PAPER, 'dataset_resolved': 'cps', 'split': {'method': 'folds', 'fold': 3}}, 'cps').startswith('cps fold 3,')
+
+def test_run_label_single_seed_and_bad_records():
+    assert run_label({**KUMAR_PAPER, 'seeds': [7], 'epochs': 1}, 'kumar') == 'kumar, paper profile, HoVer-Net (paper), 1 epoch, seed 7 — NOT a reproduction (1 epoch, not 300)'
+    assert 'seeds' not in run_label({**KUMAR_PAPER, 'seeds': [7]}, 'kumar')
+    with pytest.raises(ValueError, match='names no dataset'): run_label({'profile': 'smoke'})
+    with pytest.raises(TypeError, match='expected the dict of run_record'): run_label('kumar')
+
+def test_format_summary_single_seed_has_no_plus_minus():
+    s = summarise([dict(row='Baseline', seed=0, aji_all=60.0), dict(row='+Aug', seed=0, aji_all=62.0), dict(row='+Aug', seed=1, aji_all=64.0)])
+    f = format_summary(s)
+    assert f.loc['Baseline', 'aji_all'] == '60.00' and '±' not in f.loc['Baseline'].to_string()
+    assert f.loc['+Aug', 'aji_all'] == f'63.00 ± {np.sqrt(2):.2f}' and f.loc['+Aug', 'Δaji_all'] == '+3.00'
+    s.loc['Baseline', 'aji_all_std'] = 0.0  # a zero spread reported for one seed still shows no ±
+    assert format_summary(s).loc['Baseline', 'aji_all'] == '60.00'

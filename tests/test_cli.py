@@ -1,5 +1,5 @@
 "`nucbook run` and `nucbook batch` on tiny notebooks written by the tests."
-import json, subprocess, sys
+import json, re, subprocess, sys, time
 from pathlib import Path
 import nbformat
 import pandas as pd
@@ -215,3 +215,74 @@ def test_verify_with_nothing_to_check_fails_and_says_how_many_files(tmp_path):
     assert json.loads(p.stdout)['files_checked'] == 2
     assert 'nucbook verify: toy: 2 files checked (0 against published checksums, 2 against the lock file)' in p.stderr
     assert 'nucbook verify: warning: toy: 2 of the 2 files checked were compared only with hashes recorded' in p.stderr
+
+
+# --- progress on the command line (issue 13, item 4) and small fixes (item 6)
+
+LOOP_BODY = """import time
+from nucbook.engine.loop import ResumableLoop
+print('NOISE from the notebook')  # stays in the output notebook
+ResumableLoop(None, {}, {}, steps, lambda s: (time.sleep(pause), {'loss': 1 / (s + 1)})[1], desc='toy').run()
+time.sleep(after)"""
+
+# what a training loop does under `nucbook run`, without importing torch (two kernels at once on 2 CPUs)
+FAKE_LOOP_BODY = """import time
+for s in range(1, 4):
+    time.sleep(0.3)
+    with open(os.environ['NUCBOOK_PROGRESS'], 'a') as f: f.write(f'[toy{x}] step {s}/3' + chr(10))
+atomic_write_json(current_run_dir()/'metrics.json', {'count': x - 1, 'per_type': {'a': 0, **({'b': 2} if x == 2 else {})},
+                                                    'every': os.environ['NUCBOOK_PROGRESS_EVERY']})"""
+
+
+def test_run_streams_progress_lines_while_the_notebook_runs(tmp_path):
+    "A real loop (2 s) in the kernel: its lines reach the terminal while it trains, the notebook's own output does not."
+    nb = _nb(tmp_path/'loop.ipynb', 'steps = 20\npause = 0.1\nafter = 1.5', LOOP_BODY)
+    out = tmp_path/'r'
+    p = subprocess.Popen(NUCBOOK + ['run', str(nb), '--out', str(out), '--progress-every', '0.4'],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    got = [(time.monotonic(), line.rstrip('\n')) for line in p.stdout]  # each line with the time it arrived
+    assert p.wait(timeout=120) == 0
+    t_end = time.monotonic()
+    lines = [l for _, l in got]
+    assert lines[0] == f'running loop.ipynb in {out.resolve()}' and lines[-1] == f'run folder: {out.resolve()}'
+    steps = [(t, l) for t, l in got if l.startswith('[toy] step ')]
+    done = [(t, l) for t, l in got if l.startswith('[toy] done at step 20/20, ')]
+    assert len(steps) >= 2 and len(done) == 1, lines
+    assert re.fullmatch(r'\[toy\] step \d+/20 \(\d+%\), loss [0-9.e-]+, \d+s elapsed, ETA \d+s', steps[0][1]), steps[0][1]
+    assert done[0][0] - steps[0][0] >= 0.8  # the lines came during the 2 s loop, not all at once
+    assert t_end - done[0][0] >= 1.0  # and before the run ended (its last cell waits 1.5 s)
+    assert not any('NOISE' in l for l in lines)  # the notebook's own output stays in the output notebook
+    assert (out/'progress.log').read_text().splitlines() == [l for l in lines if l.startswith('[')]
+
+
+def test_batch_prints_one_line_per_event_with_two_jobs(tmp_path):
+    nb = _nb(tmp_path/'fake.ipynb', 'x = 1', FAKE_LOOP_BODY)
+    grid = tmp_path/'g.yaml'
+    grid.write_text(f"notebook: {nb}\nout: {tmp_path/'b'}\ngrid:\n  x: [1, 2]\n")
+    p = subprocess.run(NUCBOOK + ['batch', str(grid), '--jobs', '2', '--progress-every', '7'], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith('2 runs in ') and lines[-1].startswith('results: ')
+    names = ['fake-x=1', 'fake-x=2']
+    assert {lines[1], lines[2]} == {f'{n}: started' for n in names}  # both run at once
+    for i, n in enumerate(names, 1):
+        mine = [l for l in lines if l.startswith(f'{n}: ') or re.match(rf'\[\d/2\] {n}: ', l)]
+        assert mine[:-1] == [f'{n}: started'] + [f'{n}: [toy{i}] step {s}/3' for s in (1, 2, 3)], mine
+        assert re.fullmatch(rf'\[\d/2\] {n}: ok in \d+s', mine[-1]), mine
+    # results.csv: a 0 in metrics.json is 0, an integer stays an integer, blank only where a run has no value
+    csv = (tmp_path/'b'/'results.csv').read_text().splitlines()
+    assert csv[0].endswith('param.x,count,per_type.a,every,per_type.b'), csv[0]
+    assert csv[1].endswith(',1,0,0,7.0,') and csv[2].endswith(',2,1,0,7.0,2'), csv  # --progress-every reached the kernels
+
+
+def test_fetch_and_verify_help_list_the_datasets(capsys):
+    from nucbook.data.datasets import list_datasets
+    names = [n for n in list_datasets() if n not in ('synthetic', 'generic')]
+    assert 'kumar' in names and 'tnbc' in names
+    for cmd in ('fetch', 'verify'):
+        with pytest.raises(SystemExit) as e: main([cmd, '--help'])
+        assert e.value.code == 0
+        h = ' '.join(capsys.readouterr().out.split())
+        assert [n for n in names if not re.search(rf' {n}[,.]', h)] == [] and 'synthetic' not in h and 'generic' not in h, h
+    with pytest.raises(SystemExit): main(['run', 'x', '--progress-every', 'soon'])
+    assert "--progress-every: expected a number of seconds >= 0, got 'soon'" in capsys.readouterr().err

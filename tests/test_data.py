@@ -39,7 +39,7 @@ def test_every_manifest_satisfies_the_schema():
     schema = json.loads((D.manifest_dir() / 'schema.json').read_text())
     names = [p.stem for p in D.manifest_dir().glob('*.yaml')]
     assert set(names) == {'kumar', 'monuseg2018', 'cps', 'cpm17', 'tnbc', 'consep', 'consep_tiles', 'glysac', 'monusac',
-                          'dsb2018', 'generic'}
+                          'dsb2018', 'generic', 'pannuke', 'conic', 'lizard'}
     for n in names:
         m = json.loads(json.dumps(yaml.safe_load((D.manifest_dir() / f'{n}.yaml').read_text())))
         jsonschema.validate(m, schema)

@@ -1,4 +1,6 @@
-"Diffusion inpainting: known pixels bit-identical, exact recovery with a perfect model, seeding, input checks."
+"""Diffusion inpainting: known pixels bit-identical, exact recovery with a perfect model, seeding, input checks; MCG step
+by step against Eqs. 8-11 written out, and against the exact denoiser of a Gaussian prior."""
+from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,145 @@ def test_bad_inputs(model, data):
     img = synth_tile(0, size=S).image
     with pytest.raises(ValueError, match='mask must be bool'): inpaint_image(model, sched, img, np.zeros((S, S), np.uint8))
     with pytest.raises(ValueError, match='unknown method'): inpaint_image(model, sched, img, np.ones((S, S), bool), method='x')
+
+
+# --- MCG against its equations -------------------------------------------------------------------------------------
+# The tests above hold for any sampler that keeps the known pixels; with the exact (oracle) noise predictor x0_hat does
+# not depend on x_i, so the MCG gradient is zero. The tests below use models whose x0_hat does depend on x_i: the tiny
+# UNet (random weights, non-linear) for exact agreement with a hand-written sampler, and the exact denoiser of a
+# Gaussian prior (linear, spatially correlated) for what MCG is for.
+T = 1000
+
+
+def _taus(steps):
+    "DDIM timesteps, trailing spacing, for `steps` dividing T: T-1, T-1-T/steps, ..."
+    assert T % steps == 0
+    return [T - 1 - k * (T // steps) for k in range(steps)]
+
+
+def _draws(seeds, shape):
+    "The samplers' noise, replayed: one generator per patch (seed + i), one standard-normal draw per patch per call."
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+def _mcg_by_hand(model, abar, y, known, steps, eta, alpha, squared, seed):
+    "NucleiMix Eqs. 8-11 written out: returns the output and the x_i fed to the model at every step."
+    draw = _draws(range(seed, seed + len(y)), y.shape[1:]); taus = _taus(steps); xs = []
+    x = draw()  # x_N ~ N(0, I)
+    for k, t in enumerate(taus):
+        a, a_prev = abar[t], abar[taus[k + 1]] if k + 1 < steps else torch.tensor(1.0)  # alpha-bar_i, alpha-bar_{i-1}
+        xs.append(x); xi = x.clone().requires_grad_(True)
+        eps = model(xi, torch.tensor(t)).sample
+        x0 = (xi - (1 - a).sqrt() * eps) / a.sqrt()  # Eq. 8
+        r = (known * (y - x0)).flatten(1)
+        L = (r ** 2).sum(1) if squared else r.norm(dim=1)  # ||y - H x0_hat|| per patch (squared: Eq. 9 as printed)
+        g, = torch.autograd.grad(L.sum(), xi)
+        # f + g z: the DDIM step (Song et al. Eq. 12) from the clipped x0_hat (ddim_scheduler clips), sigma from eta
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        z = draw() if eta > 0 else 0.0
+        x_prev = a_prev.sqrt() * x0.detach().clamp(-1, 1) + (1 - a_prev - sigma ** 2).sqrt() * eps.detach() + sigma * z
+        x_prev = x_prev - alpha * g  # Eq. 9: minus alpha times the gradient w.r.t. x_i
+        y_prev = a_prev.sqrt() * y + (1 - a_prev).sqrt() * draw()  # Eq. 10: y noised to step i-1 with fresh noise
+        x = torch.where(known, y_prev, x_prev)
+    return torch.where(known, y, x_prev.clamp(-1, 1)), xs  # Eq. 11
+
+
+@contextmanager
+def _inputs(model):
+    "Record (x, t) of every forward call of `model` inside the block."
+    seen = []
+    h = model.register_forward_hook(lambda m, a, o: seen.append((a[0].detach().clone(), int(torch.as_tensor(a[1]).reshape(-1)[0]))))
+    try: yield seen
+    finally: h.remove()
+
+
+@pytest.mark.parametrize('eta,alpha,squared', [(1.0, 0.7, False), (0.0, 1.6, False), (1.0, 0.03, True), (0.5, 0.0, False)])
+def test_mcg_equals_hand_computed_sampler(eta, alpha, squared, model, data):
+    y, mask = data; sched = make_noise_scheduler(); known = ~mask; steps = 4
+    with _inputs(model) as seen: out = mcg_inpaint(model, sched, y, mask, steps=steps, eta=eta, alpha=alpha, squared=squared, seed=5)
+    ref, xs = _mcg_by_hand(model, sched.alphas_cumprod, y, known, steps, eta, alpha, squared, seed=5)
+    assert [t for _, t in seen] == _taus(steps)
+    for k, ((x, _), x_ref) in enumerate(zip(seen, xs)):  # every x_i, before any clipping
+        torch.testing.assert_close(x, x_ref, atol=1e-4, rtol=1e-5, msg=f'x_i at step {k}')
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    if alpha:  # the gradient term is far above the tolerance: without it the hand-written sampler ends elsewhere
+        plain, xs0 = _mcg_by_hand(model, sched.alphas_cumprod, y, known, steps, eta, 0.0, squared, seed=5)
+        assert (xs0[-1] - xs[-1])[~known.expand_as(y)].abs().max() > 1e-2 and (plain - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize('eta', [0.0, 1.0])
+def test_mcg_data_consistency_noises_y_to_the_next_step(eta, model, data):
+    # Eq. 10: the known pixels of x_{i-1} are exactly sqrt(abar_{i-1}) y + sqrt(1 - abar_{i-1}) n, n the fresh draw
+    # that follows x_N (and z, when eta > 0) on the patch's generator, and abar_{i-1} belongs to the next model call
+    y, mask = data; sched = make_noise_scheduler(); abar = sched.alphas_cumprod; known = ~mask.expand_as(y)
+    with _inputs(model) as seen: mcg_inpaint(model, sched, y, mask, steps=5, eta=eta, alpha=1.0, seed=2)
+    draw = _draws([2, 3, 4], y.shape[1:]); x_N = draw()
+    torch.testing.assert_close(seen[0][0], x_N, atol=0, rtol=0)
+    for x, t in seen[1:]:
+        if eta > 0: draw()  # z of the DDIM step
+        y_i = abar[t].sqrt() * y + (1 - abar[t]).sqrt() * draw()
+        torch.testing.assert_close(x[known], y_i[known], atol=1e-6, rtol=0, msg=f'known pixels at t={t}')
+
+
+class GaussEps(torch.nn.Module):
+    """The exact noise predictor of a Gaussian prior: every channel x0 ~ N(0, C), C an RBF kernel on the pixel grid.
+    x_t = sqrt(a) x0 + sqrt(1-a) eps is N(0, a C + (1-a) I), so E[eps | x_t] = sqrt(1-a) (a C + (1-a) I)^-1 x_t and
+    Tweedie's x0_hat = a^-1/2 (x_t - sqrt(1-a) E[eps | x_t]) = sqrt(a) C (a C + (1-a) I)^-1 x_t is the true posterior
+    mean: a model that is right about its data, whose Jacobian couples each pixel to its neighbours."""
+    def __init__(self, sched, size, ell=3.0, std=0.4):
+        super().__init__()
+        g = torch.stack(torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij'), -1).reshape(-1, 2).double()
+        self.C = std ** 2 * torch.exp(-torch.cdist(g, g) ** 2 / (2 * ell ** 2)) + 1e-6 * torch.eye(size * size, dtype=torch.float64)
+        lam, U = torch.linalg.eigh(self.C)
+        self.lam, self.U, self.abar = lam.float(), U.float(), sched.alphas_cumprod
+        self.w = torch.nn.Parameter(torch.zeros(()))  # for the samplers' device look-up
+
+    def prior_sample(self, n, gen):
+        side = int(len(self.lam) ** 0.5)
+        return ((torch.randn(n, 3, len(self.lam), generator=gen) * self.lam.sqrt()) @ self.U.T).reshape(n, 3, side, side)
+
+    def forward(self, x, t):
+        a = self.abar[torch.as_tensor(t).long().cpu()].float().reshape(-1, 1, 1)
+        eps = ((x.flatten(2) @ self.U) * (1 - a).sqrt() / (a * self.lam + 1 - a)) @ self.U.T
+        return type('out', (), {'sample': eps.reshape(x.shape) + 0 * self.w})()
+
+
+def test_gaussian_prior_denoiser_is_exact():
+    # the property the next test relies on: GaussEps is E[eps | x_t] (checked against the regression of eps on x_t)
+    sched = make_noise_scheduler(); m = GaussEps(sched, 6); g = torch.Generator().manual_seed(0)
+    x0 = m.prior_sample(4000, g); eps = torch.randn(x0.shape, generator=g); a = sched.alphas_cumprod[300]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    with torch.no_grad(): err_model = (m(xt, 300).sample - eps).pow(2).mean()
+    B = torch.linalg.lstsq(xt.flatten(2).reshape(-1, 36).double(), eps.flatten(2).reshape(-1, 36).double()).solution
+    err_fit = (xt.flatten(2).reshape(-1, 36).double() @ B - eps.flatten(2).reshape(-1, 36)).pow(2).mean()
+    assert err_model < 1.01 * err_fit and err_model < 0.9  # as good as the best linear predictor fitted on the data
+
+
+@pytest.mark.parametrize('eta', [0.0, 1.0])
+def test_mcg_pulls_the_fill_towards_the_measurement(eta):
+    # What MCG must do, and replacement sampling (alpha=0) does not: make the clean-image estimate agree with the
+    # measurement. Replacement only overwrites the known pixels of x_i, so the hole is denoised as if unconditioned;
+    # MCG moves x_{i-1} down the gradient of ||y - H x0_hat(x_i)||. With the exact denoiser of a Gaussian prior and y
+    # drawn from that prior, for the same seeds (same x_N, z and measurement noise) this shows as
+    # (a) x0_hat agrees better with y on the known pixels along the path (late steps, where y_i is not mostly noise),
+    # (b) the fill lies closer to the exact conditional mean E[x_hole | y_known] (closed form for a Gaussian).
+    sched = make_noise_scheduler(); m = GaussEps(sched, S); abar = sched.alphas_cumprod
+    y = m.prior_sample(4, torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 1, S, S, dtype=torch.bool); mask[:, :, 4:11, 3:10] = True; known = ~mask
+    k = known[0, 0].flatten(); hole = ~k; C = m.C
+    cond_mean = (C[hole][:, k] @ torch.linalg.solve(C[k][:, k], y.flatten(2)[..., k].double().transpose(1, 2))).transpose(1, 2)
+
+    def run(alpha):
+        with _inputs(m) as seen: out = mcg_inpaint(m, sched, y, mask, steps=10, eta=eta, alpha=alpha, seed=0)
+        with torch.no_grad():
+            err = torch.stack([((known * (y - (x - (1 - abar[t]).sqrt() * m(x, t).sample) / abar[t].sqrt())).flatten(1)).norm(dim=1)
+                               for x, t in seen])  # steps x patches
+        fill_err = (out.flatten(2)[..., hole].double() - cond_mean).pow(2).mean((1, 2)).sqrt()
+        return err, fill_err
+    (e0, f0), (e1, f1) = run(0.0), run(5.0)  # a large step shows the effect within 10 steps
+    assert torch.equal(e0[0], e1[0])  # same x_N
+    ratio = (e1[5:] / e0[5:]).mean(0)  # per patch, over the second half of the path (0.92-0.98 measured)
+    assert (ratio < 1).all() and ratio.mean() < 0.98, ratio
+    assert (f1 < 0.85 * f0).all(), (f0, f1)  # 0.42-0.75 measured
+    assert (f0 > 0.2).all()  # replacement: about the prior's spread (0.4) away; the conditional spread is 0.02

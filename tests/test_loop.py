@@ -1,6 +1,6 @@
 """The resumable loop (`nucbook.engine.loop`) and the trainers on it: exact resume after SIGKILL, a failed save, a
 `max_seconds` stop or an exception; refusal of changed settings; `extend`; rank-0-only writing. CPU, one thread."""
-import importlib.util, os, signal, subprocess, sys, textwrap
+import importlib.util, os, re, signal, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np
 import pytest
@@ -306,3 +306,37 @@ def test_diffusion_chunks_refusal_extend(tmp_path):
     straight = train_diffusion(unet(), tiles, tmp_path/'straight', **{**kw, 'steps': 6})
     assert longer.resumed_from == 4 and longer.losses == straight.losses
     for (k, a), b in zip(straight.model.state_dict().items(), longer.model.state_dict().values()): assert torch.equal(a, b), k
+
+
+# --- progress lines (what `nucbook run` shows)
+
+def test_every_trainer_writes_progress_lines_when_asked(seg_train, tmp_path, monkeypatch):
+    "With $NUCBOOK_PROGRESS set, Trainer and train_diffusion write lines even with progress=False (that flag is the bar)."
+    from nucbook.engine.diffusion import make_unet, train_diffusion
+    log = tmp_path/'progress.log'
+    monkeypatch.setenv('NUCBOOK_PROGRESS', str(log)); monkeypatch.setenv('NUCBOOK_PROGRESS_EVERY', '0')
+    _fit(tmp_path/'seg', seg_train, epochs=1)  # 4 steps
+    torch.manual_seed(0)
+    train_diffusion(make_unet('tiny', sample_size=16), synth_dataset(2, 'train', seed=0, size=32), tmp_path/'diff', steps=2,
+                    batch_size=2, patch_size=16, save_final=False)
+    got = [l.split(', ')[0] for l in log.read_text().splitlines()]
+    assert got == [f'[train seg] step {s}/4 ({25 * s}%)' for s in range(1, 5)] + ['[train seg] done at step 4/4'] + \
+                  ['[diffusion] step 1/2 (50%)', '[diffusion] step 2/2 (100%)', '[diffusion] done at step 2/2'], got
+    assert all(' elapsed' in l for l in log.read_text().splitlines())
+
+
+def test_progress_lines_rank_zero_stderr_and_bad_settings(toy, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv('NUCBOOK_PROGRESS', '1'); monkeypatch.setenv('NUCBOOK_PROGRESS_EVERY', '0')
+    toy.toy_loop(tmp_path/'a', steps=2, desc='toy').run()
+    err = capfd.readouterr().err.splitlines()
+    assert [l.split(', ')[0] for l in err] == ['[toy] step 1/2 (50%)', '[toy] step 2/2 (100%)', '[toy] done at step 2/2'], err
+    assert re.fullmatch(r'\[toy\] step 1/2 \(50%\), loss [0-9.e-]+ aux [0-9.e-]+, \d+s elapsed, ETA \d+s', err[0]), err[0]
+    monkeypatch.setattr(loop_mod, 'world_info', lambda: (1, 1))  # another rank: silent
+    toy.toy_loop(tmp_path/'b', steps=2).run()
+    assert capfd.readouterr().err == ''
+    monkeypatch.setattr(loop_mod, 'world_info', lambda: (0, 1))
+    monkeypatch.setenv('NUCBOOK_PROGRESS_EVERY', 'often')
+    with pytest.raises(ValueError, match=r"\$NUCBOOK_PROGRESS_EVERY='often': expected a number of seconds >= 0"):
+        toy.toy_loop(tmp_path/'c', steps=2).run()
+    monkeypatch.setenv('NUCBOOK_PROGRESS_EVERY', '0'); monkeypatch.setenv('NUCBOOK_PROGRESS', str(tmp_path))  # a folder
+    assert toy.toy_loop(tmp_path/'d', steps=2).run().finished  # cannot write the lines: warned, trained all the same

@@ -1,6 +1,7 @@
 """Tests of nucbook.eval.metrics: hand-computed values, edge cases, symmetry, and agreement with a straightforward
 per-instance implementation of HoVer-Net's definitions written here."""
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from hypothesis.extra.numpy import arrays
@@ -9,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from nucbook.eval import metrics as M
 from nucbook.eval.metrics import (dice1, dice2, aji, aji_plus, pq, object_f1, pixel_f1, instance_metrics, overlaps,
                              classification_stats, pair_centroids, class_pq_counts, class_pq, pooled_class_pq,
-                             evaluate, remap_ids)
+                             evaluate, remap_ids, CONVENTIONS, resolve_conventions, class_counts, count_r2)
 from nucbook.data.sample import Sample, LabelError, make_sample, instance_centroids
 
 
@@ -65,17 +66,18 @@ def ref_aji_plus(true, pred):
         sum(ap[j] for j in range(len(ap)) if j not in set(c))
     return inter[r, c].sum() / U
 
-def ref_pq_pairs(true, pred, thr=0.5):
+def ref_pq_pairs(true, pred, thr=0.5, match='>'):
     _, _, inter, union, at, ap = ref_tables(true, pred)
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    if thr >= 0.5:
-        r, c = np.nonzero(iou > thr)
-    else:
-        r, c = linear_sum_assignment(-iou); ok = iou[r, c] > thr; r, c = r[ok], c[ok]
+    hit = ((iou > thr) if match == '>' else (iou >= thr)) & (inter > 0)  # a TP pair must overlap
+    if thr >= 0.5:  # the most one-to-one pairs among the hits (all of them, except halves tied at IoU >= 0.5)
+        r, c = linear_sum_assignment(-hit.astype(float)); ok = hit[r, c]; r, c = r[ok], c[ok]
+    else:  # HoVer-Net: Hungarian on IoU, then the threshold
+        r, c = linear_sum_assignment(-iou); ok = hit[r, c]; r, c = r[ok], c[ok]
     return len(r), len(ap) - len(r), len(at) - len(r), iou[r, c].sum()
 
-def ref_pq(true, pred, thr=0.5):
-    tp, fp, fn, s = ref_pq_pairs(true, pred, thr)
+def ref_pq(true, pred, thr=0.5, match='>'):
+    tp, fp, fn, s = ref_pq_pairs(true, pred, thr, match)
     dq = tp / (tp + 0.5 * fp + 0.5 * fn)
     sq = s / (tp + 1e-6)
     return dq, sq, dq * sq
@@ -117,6 +119,8 @@ def test_random_fields_match_reference(seed):
     assert m['aji_plus'] == pytest.approx(ref_aji_plus(t, p), abs=1e-9)
     np.testing.assert_allclose([m['dq'], m['sq'], m['pq']], ref_pq(t, p), atol=1e-9)
     np.testing.assert_allclose(pq(t, p, 0.3), ref_pq(t, p, 0.3), atol=1e-9)
+    for thr in (0.5, 0.3):
+        np.testing.assert_allclose(pq(t, p, thr, match='>='), ref_pq(t, p, thr, '>='), atol=1e-9)
     assert dice1(t, p) == m['dice1'] and aji(t, p) == m['aji'] and aji_plus(t, p) == m['aji_plus']
 
 
@@ -132,6 +136,9 @@ def test_noise_fields_match_reference_including_ties(t, p):
     assert dice2(t, p) == pytest.approx(ref_dice2(t, p), abs=1e-9)
     np.testing.assert_allclose(pq(t, p), ref_pq(t, p), atol=1e-9)
     np.testing.assert_allclose(pq(t, p, 0.2), ref_pq(t, p, 0.2), atol=1e-9)
+    # '>=' on maps full of IoUs of exactly 0.5 (halves): still one-to-one, as the maximum matching of the reference
+    np.testing.assert_allclose(pq(t, p, match='>='), ref_pq(t, p, match='>='), atol=1e-9)
+    np.testing.assert_allclose(pq(t, p, 0.2, match='>='), ref_pq(t, p, 0.2, '>='), atol=1e-9)
 
 
 def test_sparse_table_matches_dense(monkeypatch):
@@ -364,3 +371,154 @@ def test_evaluate_arrays_with_type_maps_and_errors():
     with pytest.raises(LabelError, match='types'): evaluate([t], [t], types=([np.array([1])], [np.array([1, 2])]))
     df = evaluate([t, np.zeros_like(t)], [t, t], names=['u', 'v'], groups=['g1', 'g2'])
     assert df.image.tolist()[:2] == ['u', 'v'] and set(df.group) == {'g1', 'g2', 'all'}
+
+
+# ---------------------------------------------------------------- conventions: '>' vs '>=', empty images, presets
+def test_match_at_exactly_the_threshold():
+    t = square(np.zeros((4, 4), np.int32), 0, 0, 2, 2, 1)   # 4 px
+    p = square(np.zeros_like(t), 0, 0, 2, 4, 1)             # 8 px containing it: IoU exactly 0.5
+    assert pq(t, p) == (0.0, 0.0, 0.0) and pq(t, p, match='>') == (0.0, 0.0, 0.0)
+    dq, sq, pq_ = pq(t, p, match='>=')
+    assert dq == 1.0 and sq == pytest.approx(0.5 / (1 + 1e-6), abs=1e-15) and pq_ == dq * sq
+    assert object_f1(t, p) == 0.0 and object_f1(t, p, match='>=') == 1.0
+    # above 0.5: the 12 px piece of a 20 px nucleus has IoU exactly 0.6
+    t = square(np.zeros((6, 7), np.int32), 1, 1, 4, 5, 1)
+    p = square(square(np.zeros_like(t), 1, 1, 4, 3, 3), 1, 4, 4, 2, 8)
+    assert pq(t, p, 0.6)[0] == 0.0
+    assert instance_metrics(t, p, 0.6, match='>=')['tp'] == 1 and pq(t, p, 0.6, match='>=')[0] == pytest.approx(2 / 3)
+
+def test_match_ge_pairs_tied_halves_once():
+    t = np.ones((2, 4), np.int32)
+    p = np.zeros_like(t); p[:, :2] = 1; p[:, 2:] = 2        # two halves, IoU 0.5 each
+    m = instance_metrics(t, p, match='>=')
+    assert (m['tp'], m['fp'], m['fn']) == (1, 1, 0) and m['dq'] == pytest.approx(2 / 3)
+    assert m['sq'] == pytest.approx(0.5 / (1 + 1e-6), abs=1e-15)
+    m = instance_metrics(p, t, match='>=')                  # merged: one prediction over two true halves
+    assert (m['tp'], m['fp'], m['fn']) == (1, 0, 1)
+    assert instance_metrics(t, p)['tp'] == 0                # '>': no match at all
+    # per class: the same rule, one class at a time
+    cnt = class_pq_counts(overlaps(t, p), [1], [1, 1], [1], match='>=')
+    np.testing.assert_allclose(cnt, [[1, 1, 0, 0.5]])
+    np.testing.assert_allclose(class_pq_counts(overlaps(t, p), [1], [1, 1], [1]), [[0, 2, 1, 0.0]])
+
+def test_bad_match_raises():
+    t = np.ones((2, 2), np.int32)
+    for f in (lambda: pq(t, t, match='=>'), lambda: object_f1(t, t, match='ge'),
+              lambda: instance_metrics(t, t, match='>>'), lambda: class_pq_counts(overlaps(t, t), [1], [1], [1], match='')):
+        with pytest.raises(ValueError, match="match must be '>'"): f()
+
+def test_empty_image_policy():
+    z = np.zeros((5, 5), np.int32); t = square(np.zeros_like(z), 1, 1, 2, 2, 3)
+    for empty, v in (('zero', 0.0), ('one', 1.0)):
+        m = instance_metrics(z, z, empty=empty)
+        assert [m[k] for k in M.INSTANCE_METRICS] == [v] * len(M.INSTANCE_METRICS)
+        assert (m['n_true'], m['n_pred'], m['tp'], m['fp'], m['fn']) == (0, 0, 0, 0, 0)
+        assert instance_metrics(t, z, empty=empty)['pq'] == 0.0 and instance_metrics(z, t, empty=empty)['dice1'] == 0.0
+    assert all(np.isnan(instance_metrics(z, z, empty='skip')[k]) for k in M.INSTANCE_METRICS)
+    with pytest.raises(ValueError, match='empty must be one of'): instance_metrics(z, z, empty='nan')
+    # CoNIC's epsilon in DQ: one exact nucleus -> DQ = 1 / (1 + 1e-6)
+    assert instance_metrics(t, t, eps_dq=1e-6)['dq'] == pytest.approx(1 / (1 + 1e-6), abs=1e-15)
+    assert instance_metrics(t, t)['dq'] == 1.0
+
+def test_conventions_presets():
+    assert CONVENTIONS['hovernet'] == dict(match='>', empty='skip', eps_dq=0.0)
+    assert CONVENTIONS['conic'] == dict(match='>', empty='zero', eps_dq=1e-6)
+    assert CONVENTIONS['stardist']['match'] == '>='
+    assert resolve_conventions()['label'] == 'hovernet'
+    assert resolve_conventions('conic', empty='skip')['label'] == 'conic,empty=skip'
+    assert resolve_conventions('conic', match='>')['label'] == 'conic'  # no change, no suffix
+    with pytest.raises(ValueError, match="unknown metric conventions 'coniC'"): resolve_conventions('coniC')
+
+def test_evaluate_conventions_change_the_mean():
+    one = square(np.zeros((8, 8), np.int32), 2, 2, 3, 3, 1); none = np.zeros_like(one)
+    half = square(square(np.zeros_like(one), 2, 2, 3, 2, 1), 2, 4, 3, 1, 2)  # 6 + 3 px pieces of the 9 px nucleus
+    def mean(**kw):
+        df = evaluate([one, none, one], [one, none, half], **kw)
+        return df[df.kind == 'mean'].iloc[0], df
+    sq1 = 1 / (1 + 1e-6)
+    # image 3: IoU 6/9 -> TP 1 (IoU 2/3), FP 1: DQ 2/3, SQ (2/3)/(1+1e-6)
+    pq3 = (2 / 3) * (2 / 3) / (1 + 1e-6)
+    r, df = mean()
+    assert r.pq == pytest.approx((sq1 + pq3) / 2, abs=1e-15) and set(df.conventions) == {'hovernet'}
+    assert np.isnan(df.pq[1]) and r.n_images == 3
+    r, df = mean(empty='zero')
+    assert r.pq == pytest.approx((sq1 + pq3) / 3, abs=1e-15) and df.pq[1] == 0.0
+    assert df.conventions[0] == 'hovernet,empty=zero'
+    r, df = mean(conventions='conic')  # DQ + 1e-6 and the empty image as 0
+    dq3 = 1 / (1.5 + 1e-6)
+    assert r.pq == pytest.approx((sq1 * sq1 + dq3 * (2 / 3) / (1 + 1e-6)) / 3, abs=1e-15)
+    assert list(df.columns)[-1] == 'conventions' and set(df.conventions) == {'conic'}
+    r, df = mean(conventions='stardist')
+    assert r.pq == pytest.approx((sq1 + pq3) / 3, abs=1e-15) and df.conventions[0] == 'stardist'
+    with pytest.raises(ValueError, match='unknown metric conventions'): evaluate([one], [one], conventions='x')
+    with pytest.raises(ValueError, match='empty must be one of'): evaluate([one], [one], empty='none')
+
+def test_evaluate_match_reaches_per_class_pq():
+    t = np.ones((2, 4), np.int32); p = np.zeros_like(t); p[:, :2] = 1; p[:, 2:] = 2   # halves, IoU 0.5
+    df = evaluate([t, t], [p, p], types=([[1], [1]], [[1, 1], [1, 1]]), match='>=')
+    img, pooled = df[df.kind == 'image'].iloc[0], df[df.kind == 'pooled'].iloc[0]
+    assert (img.tp, img.fp, img.fn) == (1, 1, 0)
+    # pooled over the two images: class 1 TP 2, FP 2, sum IoU 1
+    assert pooled.pq_plus_1 == pytest.approx((2 / (3 + 1e-6)) * (1 / (2 + 1e-6)), abs=1e-15)
+    assert evaluate([t, t], [p, p], types=([[1], [1]], [[1, 1], [1, 1]])).iloc[-1].pq_plus_1 == 0.0
+
+
+# ---------------------------------------------------------------- CoNIC R² of per-class counts
+def test_count_r2_by_hand():
+    y = np.array([[2, 0], [4, 3], [6, 0]]); y_hat = np.array([[3, 0], [4, 0], [5, 3]])
+    r2, r2_c = count_r2(y, y_hat)
+    # class 1: 1 - (1 + 0 + 1) / (4 + 0 + 4); class 2: 1 - (0 + 9 + 9) / (1 + 4 + 1)
+    np.testing.assert_allclose(r2_c, [0.75, -2.0], atol=1e-15)
+    assert r2 == pytest.approx(-0.625, abs=1e-15)
+    assert count_r2(y, y)[0] == 1.0
+    np.testing.assert_array_equal(count_r2([[1, 0], [1, 0]], [[1, 0], [1, 1]])[1], [1.0, 0.0])  # constant truth
+    r2, r2_c = count_r2([[4, 2]], [[4, 2]]); assert np.isnan(r2) and np.isnan(r2_c).all()     # one image
+    with pytest.raises(ValueError, match=r'must both be \(n_images, n_types\)'): count_r2(y, y_hat[:, :1])
+    with pytest.raises(ValueError, match=r'must both be'): count_r2(y[:, 0], y_hat[:, 0])
+
+def test_count_r2_matches_sklearn_and_conic():
+    from sklearn.metrics import r2_score
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 30, (9, 6)); y_hat = np.clip(y + rng.integers(-6, 7, y.shape), 0, None)
+    y[:, 4] = 0; y_hat[:, 4] = 0; y[:, 5] = 3; y_hat[:3, 5] = 2  # an absent class predicted exactly; a constant one missed
+    r2, r2_c = count_r2(y, y_hat)
+    ref = [r2_score(y[:, c], y_hat[:, c]) for c in range(6)]
+    np.testing.assert_allclose(r2_c, ref, atol=1e-12)
+    assert r2_c[4] == 1.0 and r2_c[5] == 0.0 and r2 == pytest.approx(np.mean(ref), abs=1e-12)  # CoNIC: mean over classes
+    names = ['neutrophil', 'epithelial', 'lymphocyte', 'plasma', 'eosinophil', 'connective']
+    tdf = pd.DataFrame(y, columns=names); pdf = pd.DataFrame(y_hat, columns=names)[names[::-1]]  # columns by name
+    np.testing.assert_allclose(count_r2(tdf, pdf)[1], ref, atol=1e-12)
+    with pytest.raises(ValueError, match=r"no column \['plasma'\]"): count_r2(tdf, pdf.drop(columns='plasma'))
+
+def test_class_counts():
+    m = np.zeros((8, 8), np.int32); square(m, 0, 0, 2, 2, 5); square(m, 3, 3, 2, 2, 2); square(m, 5, 5, 3, 3, 9)
+    ty = np.array([2, 1, 1])                                    # ids 2, 5, 9
+    np.testing.assert_array_equal(class_counts([m], [1, 2], [ty]), [[2, 1]])
+    np.testing.assert_array_equal(class_counts([m], [2, 1, 7], [ty]), [[1, 2, 0]])
+    np.testing.assert_array_equal(class_counts([m], [1, 2], [ty], crop=(4, 4)), [[1, 1]])  # rows/cols 2..5
+    np.testing.assert_array_equal(class_counts([m], [1, 2], [ty], crop=(2, 2)), [[0, 1]])  # rows/cols 3..4
+    tmap = np.select([m == 5, m == 2, m == 9], [1, 2, 1])
+    s = make_sample(np.zeros((8, 8, 3), np.uint8), m, inst_types=ty)
+    c = class_counts([s, m], [1, 2], [None, tmap])
+    np.testing.assert_array_equal(c, [[2, 1], [2, 1]])
+    assert c.dtype == np.int64
+    with pytest.raises(LabelError, match=r'image\[0\]: 2 types for 3 instances'): class_counts([m], [1], [ty[:2]])
+    with pytest.raises(LabelError, match='no nucleus types'): class_counts([m], [1])
+    with pytest.raises(ValueError, match='does not fit'): class_counts([m], [1], [ty], crop=(4, 9))
+    with pytest.raises(ValueError, match='2 images but 1 type entries'): class_counts([m, m], [1], [ty])
+
+def test_evaluate_pooled_r2_per_group():
+    t1 = np.zeros((16, 16), np.int32); square(t1, 1, 1, 4, 4, 1); square(t1, 8, 8, 4, 4, 2)
+    p1 = np.zeros_like(t1); square(p1, 1, 1, 4, 4, 1); square(p1, 8, 9, 4, 4, 2)
+    t2 = np.zeros_like(t1); square(t2, 2, 2, 5, 5, 1); z = np.zeros_like(t1)
+    trues = [_sample(t1, [1, 2], 'seen', 'a'), _sample(t2, [2], 'unseen', 'b'), _sample(z, [], 'seen', 'c')]
+    preds = [_sample(p1, [1, 1], name='a'), _sample(z, []), _sample(z, [])]
+    df = evaluate(trues, preds)
+    pooled = df[df.kind == 'pooled'].set_index('group')
+    # true counts (types 1, 2): a [1, 1], b [0, 1], c [0, 0]; predicted: a [2, 0], b and c [0, 0]
+    # all: type 1 1 - 1 / (2/3) = -0.5, type 2 1 - 2 / (2/3) = -2; seen (a, c): -1 and -1; unseen: one image -> NaN
+    assert (pooled.loc['all', 'r2_1'], pooled.loc['all', 'r2_2']) == (pytest.approx(-0.5), pytest.approx(-2.0))
+    assert pooled.loc['all', 'r2'] == pytest.approx(-1.25) and pooled.loc['seen', 'r2'] == pytest.approx(-1.0)
+    assert np.isnan(pooled.loc['unseen', 'r2'])
+    n_t, n_p = class_counts(trues, [1, 2]), class_counts(preds, [1, 2])
+    assert pooled.loc['all', 'r2'] == pytest.approx(count_r2(n_t, n_p)[0], abs=1e-15)

@@ -23,9 +23,10 @@ def wheel(tmp_path_factory):
 
 def test_wheel_contains_the_manifests(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ('kumar.yaml', 'generic.yaml', 'monusac.yaml', 'schema.json', 'checksums/kumar.sha256'):
+    for f in ('kumar.yaml', 'generic.yaml', 'monusac.yaml', 'pannuke.yaml', 'conic.yaml', 'lizard.yaml', 'schema.json',
+              'checksums/kumar.sha256'):
         assert f'nucbook/data/manifests/{f}' in names, f
-    assert 'nucbook/bench/protocol.py' in names and 'nucbook/data/datasets.py' in names
+    assert 'nucbook/bench/protocol.py' in names and 'nucbook/data/datasets.py' in names and 'nucbook/data/formats.py' in names
 
 def test_installed_wheel_lists_and_loads_manifests(wheel, tmp_path):
     venv = tmp_path / 'venv'
@@ -39,10 +40,11 @@ def test_installed_wheel_lists_and_loads_manifests(wheel, tmp_path):
     code = r'''
 import json, os, sys
 import nucbook
-from nucbook.data.datasets import list_datasets, load_manifest, manifest_dir
+from nucbook.data.datasets import list_datasets, load_manifest, manifest_dir, LOADERS
 from nucbook.data.fetch import manifest_checksums
 print(json.dumps(dict(file=nucbook.__file__, names=list_datasets(), kumar=load_manifest('kumar')['splits']['train']['count'],
-                      mdir=str(manifest_dir()), sums=len(manifest_checksums('kumar')), mpp=load_manifest('monusac')['mpp'])))
+                      mdir=str(manifest_dir()), sums=len(manifest_checksums('kumar')), mpp=load_manifest('monusac')['mpp'],
+                      loaders=sorted(LOADERS))))
 '''
     elsewhere = tmp_path / 'elsewhere'; elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ('NUCBOOK_MANIFESTS', 'PYTHONPATH', 'PYTHONHOME')}
@@ -53,4 +55,5 @@ print(json.dumps(dict(file=nucbook.__file__, names=list_datasets(), kumar=load_m
     assert not Path(out['file']).resolve().is_relative_to(ROOT)
     assert Path(out['mdir']).resolve() == (site / 'nucbook' / 'data' / 'manifests').resolve()
     assert 'kumar' in out['names'] and 'synthetic' in out['names'] and out['kumar'] == 16
+    assert {'pannuke', 'conic', 'lizard'} <= set(out['names']) & set(out['loaders']) # formats' loaders register on import
     assert out['sums'] > 0 and out['mpp'] == 0.19448

@@ -395,10 +395,12 @@ def draw_record(
 def record_summary(
     rec:dict, # a record
 ) -> str:
-    "One line: method, nuclei (new, cut), dropped."
+    "One line: method (with the nucleus types it is restricted to, if any), nuclei (new, cut), dropped."
     rows = rec['instances']
     new = sum(r['source'] != 0 or r['op'] != 'kept' for r in rows); cut = sum(r['cut'] and r['source'] == 0 and r['op'] == 'kept' for r in rows)
-    return f"{rec['method']}: {len(rows)} nuclei ({new} new, {cut} cut), {len(rec['dropped'])} dropped"
+    types = (rec.get('params') or {}).get('types')
+    name = rec['method'] + (f" (types {', '.join(map(str, types))})" if types else '')
+    return f"{name}: {len(rows)} nuclei ({new} new, {cut} cut), {len(rec['dropped'])} dropped"
 
 # %% ../../nbs/06_canvas.ipynb #4252ccce
 class InstanceBank:

@@ -18,11 +18,13 @@ from scipy.special import erfinv
 from ..core import as_rng, atomic_write, atomic_write_json
 from ..data.sample import Sample, LabelError, check_sample, instance_centroids, source_name
 from .canvas import Augmented, Canvas, check_donor, check_typing, jsonable
+from .standard import StandardAugment  # re-exported: callers import it from here
+_all_ = ['StandardAugment']
 
 # %% auto #0
 __all__ = ['AUGMENTATIONS', 'blend', 'erase', 'mask_mix', 'random_box', 'box_mask', 'cow_mask', 'Augmentation', 'pick_donor',
-           'MixUp', 'CutOut', 'CutMix', 'CowOut', 'CowMix', 'CopyPaste', 'median_at', 'GradMix', 'StandardAugment',
-           'as_transform', 'load_augmented', 'augment_set', 'get_augmentation']
+           'MixUp', 'CutOut', 'CutMix', 'CowOut', 'CowMix', 'CopyPaste', 'median_at', 'GradMix', 'as_transform',
+           'load_augmented', 'augment_set', 'get_augmentation', 'StandardAugment']
 
 # %% ../../nbs/06a_augment.ipynb #0711150c
 def _aligned(s:Sample, d:Sample, rng:np.random.Generator|None, role:str) -> tuple[Sample, list]:
@@ -523,31 +525,6 @@ class GradMix(Augmentation):
         put = rare | ring
         c.image[T][put] = out[put]
         ring_all[T] |= ring; rare_all[T] |= rare
-
-# %% ../../nbs/06a_augment.ipynb #c420e64b
-class StandardAugment:
-    "Flips, 90-degree rotations, colour jitter and blur (albumentations); instance and type maps stay exact."
-    def __init__(self,
-                 colour:float=1.0, # strength of the colour jitter (0: none); 1 is about HoVer-Net's ranges
-                 blur_p:float=0.2, # probability of a 3x3 Gaussian or median blur
-                ):
-        import albumentations as A
-        c = colour
-        self.geometric = A.D4(p=1.0)  # the 8 flips/rotations of the square, uniformly: pure pixel permutations
-        self.photometric = A.Compose([
-            A.ColorJitter(brightness=0.1 * c, contrast=0.25 * c, saturation=0.2 * c, hue=0.02 * c, p=float(c > 0)),
-            A.OneOf([A.GaussianBlur(blur_limit=(3, 3), sigma_limit=(0.1, 1.0)), A.MedianBlur(blur_limit=(3, 3))], p=blur_p)])
-
-    def __call__(self, sample:Sample, rng:np.random.Generator) -> Sample:
-        import albumentations as A
-        seed = int(rng.integers(2**31))
-        geo = A.Compose([self.geometric], seed=seed)
-        masks = [sample.inst_map] + ([sample.type_map] if sample.type_map is not None else [])
-        r = geo(image=sample.image, masks=masks)
-        self.photometric.set_random_seed(seed + 1)
-        img = self.photometric(image=r['image'])['image']
-        m = [np.ascontiguousarray(a) for a in r['masks']]
-        return Sample(img, m[0], m[1] if len(m) > 1 else None, sample.inst_types, dict(sample.meta))
 
 # %% ../../nbs/06a_augment.ipynb #7c867d90
 def as_transform(

@@ -26,8 +26,9 @@ from ..engine.train import Trainer, TrainConfig
 from ..engine.infer import evaluate_model
 
 # %% auto #0
-__all__ = ['SPLIT_NAMES', 'PROTOCOL_SCHEDULE', 'PAPER_KEYS', 'Splits', 'load_splits', 'row_folder', 'scores',
-           'train_and_evaluate', 'summarise', 'format_summary', 'check_paper', 'paper_table', 'run_record']
+__all__ = ['SPLIT_NAMES', 'PROTOCOL_SCHEDULE', 'PAPER_KEYS', 'PAPER_SETTING', 'Splits', 'load_splits', 'row_folder', 'scores',
+           'train_and_evaluate', 'summarise', 'format_summary', 'check_paper', 'paper_table', 'run_record',
+           'reproduction_gaps', 'run_label']
 
 # %% ../../nbs/09b_bench.ipynb #7face7e2
 SPLIT_NAMES = {'dsb2018': ('stage1_train', 'stage1_test')} # registered datasets whose train / test splits have other names
@@ -294,13 +295,14 @@ def format_summary(
     summary:pd.DataFrame, # what `summarise` returned
     digits:int=2, # decimals
 ) -> pd.DataFrame:
-    "The summary as text: 'mean ± std' per metric and '+delta' per delta (for printing)."
+    "The summary as text: 'mean ± std' per metric ('mean' alone for a row of one seed) and '+delta' per delta (for printing)."
     f = lambda v: '' if pd.isna(v) else f'{v:.{digits}f}'
     out = pd.DataFrame(index=summary.index)
+    one = summary['n_seeds'].eq(1) if 'n_seeds' in summary else pd.Series(False, index=summary.index) # one seed: no spread to show
     for c in summary.columns:
         if c.endswith('_mean'):
             m = c[:-5]
-            out[m] = [f(a) + ('' if pd.isna(b) else f' ± {f(b)}') for a, b in zip(summary[c], summary[f'{m}_std'])]
+            out[m] = [f(a) + ('' if pd.isna(b) or o else f' ± {f(b)}') for a, b, o in zip(summary[c], summary[f'{m}_std'], one)]
         elif c.endswith('_delta'): out[f'Δ{c[:-6]}'] = ['' if pd.isna(v) else f'{v:+.{digits}f}' for v in summary[c]]
     out['n_seeds'] = summary['n_seeds']
     return out
@@ -375,3 +377,49 @@ def run_record(
                 split=r.get('split'), counts=r.get('counts'), mpp=r.get('mpp'), classes=r.get('classes'),
                 profile=profile, model_size=model_size, seeds=[seeds] if isinstance(seeds, int) else seeds,
                 nucbook_version=nucbook.__version__, **extra)
+
+# %% ../../nbs/09b_bench.ipynb #3da14d23
+PAPER_SETTING = dict(profile='paper', model_size='paper', epochs=PROTOCOL_SCHEDULE['epochs']) # what a run reproducing a paper table ran
+
+def reproduction_gaps(
+    record:dict, # what `run_record` returned (or a `metrics.json` holding it)
+    paper_dataset:str|list|None=None, # the dataset(s) the paper reports on (default: the record's `paper_dataset`)
+) -> list[str]:
+    """Every way the run departs from the paper setting (`PAPER_SETTING` on the paper's dataset, with its split and,
+    where recorded, an ImageNet-initialised encoder); empty for a reproduction run."""
+    if not isinstance(record, dict): raise TypeError(f'reproduction_gaps: expected the dict of run_record, got {type(record).__name__}')
+    paper_dataset = record.get('paper_dataset') if paper_dataset is None else paper_dataset
+    papers = [] if paper_dataset is None else [paper_dataset] if isinstance(paper_dataset, str) else [str(d) for d in paper_dataset]
+    kind, name, split = record.get('dataset_kind'), record.get('dataset_resolved'), record.get('split') or {}
+    out, prof, size, ep = [], record.get('profile'), record.get('model_size'), record.get('epochs')
+    if prof != PAPER_SETTING['profile']: out.append(f'{prof} profile' if prof else 'profile not recorded')
+    if kind == 'synthetic': out.append('synthetic data')
+    elif not papers: out.append("the paper's dataset not given")
+    elif name not in papers: out.append(f"{'own folder' if kind == 'folder' else name}, not the paper's {' / '.join(papers)}")
+    elif split.get('method') == 'seeded': out.append("a seeded split, not the paper's")
+    if split.get('limit') is not None: out.append(f"at most {split['limit']} images per split")
+    if size != PAPER_SETTING['model_size']: out.append(f'{size} segmenter, not paper size' if size else 'segmenter size not recorded')
+    if ep is not None and ep != PAPER_SETTING['epochs']: out.append(f"{ep} epoch{'' if ep == 1 else 's'}, not {PAPER_SETTING['epochs']}")
+    if 'encoder_weights' in record and not record['encoder_weights'] and size == PAPER_SETTING['model_size']:
+        out.append('encoder from scratch, not ImageNet weights')
+    return out
+
+def run_label(
+    record:dict, # what `run_record` returned (or a `metrics.json` holding it)
+    paper_dataset:str|list|None=None, # the dataset(s) the paper reports on (default: the record's `paper_dataset`)
+) -> str:
+    """One line saying what ran, built from the record alone: dataset, profile, segmenter size, epochs, seeds, and
+    'NOT a reproduction (why)' unless `reproduction_gaps` finds nothing."""
+    if not isinstance(record, dict): raise TypeError(f'run_label: expected the dict of run_record, got {type(record).__name__}')
+    kind, name, split = record.get('dataset_kind'), record.get('dataset_resolved'), record.get('split') or {}
+    if not kind or not name:
+        raise ValueError(f'run_label: the record names no dataset (dataset_kind {kind!r}, dataset_resolved {name!r}); pass what run_record returned')
+    data = ('synthetic data' if kind == 'synthetic' else f'own folder {name}' if kind == 'folder' else
+            f"{name} fold {split['fold']}" if split.get('method') == 'folds' else name)
+    seeds = record.get('seeds')
+    parts = [data, f"{record.get('profile') or 'unrecorded'} profile",
+             f"{record.get('segmenter', 'HoVer-Net')} ({record.get('model_size') or 'size not recorded'})"]
+    if record.get('epochs') is not None: parts.append(f"{record['epochs']} epoch{'' if record['epochs'] == 1 else 's'}")
+    parts.append('seeds not recorded' if not seeds else f'seed {seeds[0]}' if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}")
+    gaps = reproduction_gaps(record, paper_dataset)
+    return ', '.join(parts) + (f" — NOT a reproduction ({'; '.join(gaps)})" if gaps else '')

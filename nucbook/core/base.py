@@ -13,10 +13,11 @@ from typing import Any, Iterator
 import numpy as np
 
 # %% auto #0
-__all__ = ['RUN_DIR_ENV', 'PROFILES', 'get_device', 'seed_everything', 'as_rng', 'atomic_write', 'atomic_write_text',
-           'atomic_write_json', 'timestamp', 'new_run_dir', 'current_run_dir', 'git_commit', 'package_versions',
-           'environment_info', 'get_logger', 'resolve_profile', 'record_params', 'rng_state', 'set_rng_state',
-           'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'autocast']
+__all__ = ['RUN_DIR_ENV', 'PROGRESS_ENV', 'PROGRESS_EVERY_ENV', 'PROFILES', 'get_device', 'seed_everything', 'as_rng',
+           'atomic_write', 'atomic_write_text', 'atomic_write_json', 'timestamp', 'new_run_dir', 'current_run_dir',
+           'git_commit', 'package_versions', 'environment_info', 'get_logger', 'format_duration', 'resolve_profile',
+           'record_params', 'rng_state', 'set_rng_state', 'CheckpointError', 'save_checkpoint', 'load_checkpoint',
+           'autocast']
 
 # %% ../../nbs/00_core.ipynb #d9411469
 def get_device(
@@ -190,6 +191,21 @@ def get_logger(name:str='nucbook', level:int|str=logging.INFO) -> logging.Logger
         log.propagate = False
     log.setLevel(level)
     return log
+
+# %% ../../nbs/00_core.ipynb #22ae5703
+PROGRESS_ENV = 'NUCBOOK_PROGRESS' # where training loops write progress lines: a file path, 1/stderr, stdout (unset: tqdm bar)
+PROGRESS_EVERY_ENV = 'NUCBOOK_PROGRESS_EVERY' # seconds between two progress lines (default 30)
+
+def format_duration(
+    seconds:float, # a duration
+) -> str:
+    "A duration as progress lines and the command line show it: `45s`, `1m20s`, `2h05m`, `1d01h`."
+    s = max(0, int(round(seconds)))
+    if s < 60: return f'{s}s'
+    if s < 3600: return f'{s // 60}m{s % 60:02d}s'
+    if s < 86400: return f'{s // 3600}h{s % 3600 // 60:02d}m'
+    return f'{s // 86400}d{s % 86400 // 3600:02d}h'
+
 
 # %% ../../nbs/00_core.ipynb #5912f679
 PROFILES = ('smoke', 'paper')  # the profile names every runnable notebook accepts

@@ -54,9 +54,11 @@ def manifest_schema() -> dict:
     "The JSON schema every manifest must satisfy."
     return json.loads((manifest_dir() / 'schema.json').read_text())
 
-def list_datasets() -> list[str]:
-    "Names of the datasets that have a manifest (plus 'synthetic', which needs none)."
-    return sorted(p.stem for p in manifest_dir().glob('*.yaml')) + ['synthetic']
+def list_datasets(
+    synthetic:bool=True, # also list 'synthetic' (`load_dataset` and `resolve_dataset` accept it; `fetch` and `verify` do not)
+) -> list[str]:
+    "Names of the datasets that have a manifest, sorted (then 'synthetic', which needs none, unless `synthetic=False`)."
+    return sorted(p.stem for p in manifest_dir().glob('*.yaml')) + (['synthetic'] if synthetic else [])
 
 def validate_manifest(
     manifest:dict, # parsed manifest
@@ -84,7 +86,7 @@ def load_manifest(
     "The validated manifest of dataset `name` (a fresh copy)."
     p = manifest_dir() / f'{name}.yaml'
     if not p.exists():
-        raise KeyError(f'no manifest for dataset {name!r} in {manifest_dir()}; known: {", ".join(list_datasets())}')
+        raise KeyError(f'no manifest for dataset {name!r} in {manifest_dir()}; known: {", ".join(list_datasets(synthetic=False))}')
     return json.loads(json.dumps(_load_manifest_cached(str(p), p.stat().st_mtime)))
 
 # %% ../../nbs/03_data.ipynb #c5babe9d
@@ -1055,13 +1057,14 @@ def load_own_folder(
 def split_summary(
     splits:dict, # {split: [Sample, ...]}
 ) -> dict:
-    "Per split: number of images, of nuclei, the image ids, and the images per group where samples have `meta['group']`."
+    "Per split: number of images, of nuclei, the image ids, and the images per group (every group seen in any split, 0 where absent) where samples have `meta['group']`."
     out = {}
+    seen = sorted({s.meta.get('group') for v in splits.values() for s in v if s.meta.get('group') is not None}, key=str)
     for k, v in splits.items():
         d = {'images': len(v), 'nuclei': int(sum(s.n_instances for s in v)),
              'image_ids': [str(s.meta.get('image_id', i)) for i, s in enumerate(v)]}
         groups = [s.meta.get('group') for s in v if s.meta.get('group') is not None]
-        if groups: d['groups'] = {g: groups.count(g) for g in sorted(set(groups))}
+        if seen: d['groups'] = {g: groups.count(g) for g in seen}
         out[k] = d
     return out
 
@@ -1121,7 +1124,8 @@ def dataset_dir(
     for c in cands:
         if c.is_dir() and any(any(c.glob(g)) for g in markers): return c
     raise FileNotFoundError(f'dataset {name!r} not found under {r} (looked for {" or ".join(markers)} in: '
-                            f'{", ".join(str(c) for c in cands)}); run `nucbook fetch {name}` or pass root=')
+                            f'{", ".join(str(c) for c in cands)}); run `nucbook fetch {name}` (`--from DIR` for a copy you have), '
+                            f'or set ${DATA_ENV} to the folder that holds it (in Python: root=)')
 
 def load_dataset(
     name:str|Path, # dataset name (see `list_datasets()`), 'synthetic', or the path of an own-data folder
@@ -1142,9 +1146,13 @@ def load_dataset(
         for s in names:
             if s not in splits: raise KeyError(f'{path} has no split {s!r}; splits: {", ".join(splits)}')
         return [x for s in names for x in splits[s][:limit]]
+    if not (manifest_dir() / f'{name}.yaml').exists(): resolve_dataset(name) # unknown: the error lists what this function accepts
     m = load_manifest(name)
     base = dataset_dir(name, root)
-    loader = LOADERS[m['loader']]
+    loader = LOADERS.get(m['loader'])
+    if loader is None:
+        raise KeyError(f"{name}: no loader {m['loader']!r} is registered (the PanNuke, CoNIC and Lizard loaders register "
+                       'when nucbook.data.formats is imported, as `import nucbook.data` does)')
     out = []
     for s in _split_names(m, split, base):
         if limit is not None and s in m['splits']: # trim listed ids before loading, so only `limit` images are read

@@ -7,19 +7,19 @@ Docs: https://nucbook.github.io/nucbook/loop.html.md"""
 
 # %% ../../nbs/08_loop.ipynb #3b89e840
 from __future__ import annotations
-import dataclasses, functools, hashlib, inspect, json, math, time
+import dataclasses, functools, hashlib, inspect, json, math, os, sys, time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-from ..core import get_logger, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state, timestamp
+from ..core import PROGRESS_ENV, PROGRESS_EVERY_ENV, format_duration, get_logger, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state, timestamp
 
 # %% auto #0
 __all__ = ['ABSENT', 'FORMAT', 'world_info', 'step_seed', 'data_identity', 'model_settings', 'describe', 'flatten_settings',
-           'settings_diff', 'SettingsMismatch', 'LossHistory', 'Stateful', 'code_version', 'ResumableLoop',
-           'checkpoint_state']
+           'settings_diff', 'SettingsMismatch', 'LossHistory', 'progress_target', 'progress_every', 'ProgressLines',
+           'Stateful', 'code_version', 'ResumableLoop', 'checkpoint_state']
 
 # %% ../../nbs/08_loop.ipynb #2450230d
 def world_info() -> tuple[int, int]:
@@ -214,6 +214,91 @@ class LossHistory:
         self.records = {k: np.asarray(v).tolist() for k, v in st['records'].items()}
         p = st['pending']; self._sums, self._counts, self._n = dict(p['sums']), dict(p['counts']), int(p['n'])
 
+# %% ../../nbs/08_loop.ipynb #15cc0172
+def progress_target():
+    "Where loops write progress lines, from `$NUCBOOK_PROGRESS`: a `Path`, `sys.stderr` (`1`, `stderr`), `sys.stdout` (`stdout`), or None (unset, empty, `0`: the tqdm bar)."
+    v = os.environ.get(PROGRESS_ENV, '').strip()
+    if v.lower() in ('', '0', 'false', 'no', 'off'): return None
+    if v.lower() in ('1', 'true', 'yes', 'on', 'stderr'): return sys.stderr
+    if v.lower() == 'stdout': return sys.stdout
+    return Path(v).expanduser()
+
+def progress_every(
+    default:float=30.0, # seconds, when `$NUCBOOK_PROGRESS_EVERY` is unset
+) -> float:
+    "Seconds between two progress lines: `$NUCBOOK_PROGRESS_EVERY`, else `default`."
+    v = os.environ.get(PROGRESS_EVERY_ENV, '').strip()
+    if not v: return float(default)
+    try: s = float(v)
+    except ValueError: s = math.nan
+    if not s >= 0: raise ValueError(f'${PROGRESS_EVERY_ENV}={v!r}: expected a number of seconds >= 0')
+    return s
+
+class ProgressLines:
+    "One-line reports of a loop's progress, at most one every `every` seconds, and a last one when the loop ends."
+    def __init__(self,
+                 desc:str, # label, shown in brackets
+                 steps:int, # S: steps of the whole run
+                 start:int=0, # s_0: steps done when this call started (a resumed run starts above 0)
+                 every:float=30.0, # seconds between two lines
+                 epoch_steps:int=0, # steps per epoch (0: no epoch shown)
+                 out=None, # a file path (each line appended), a text stream, or None (lines only returned)
+                 clock:Callable[[], float]=time.monotonic, # the time in seconds (tests pass a fake clock)
+                 max_terms:int=4, # loss terms shown
+                ):
+        self.desc, self.steps, self.start, self.every = desc, int(steps), int(start), float(every)
+        self.epoch_steps, self.out, self.clock, self.max_terms = int(epoch_steps or 0), out, clock, int(max_terms)
+        self.t0 = self.t_last = clock()
+        self.n_lines, self._sums, self._counts = 0, {}, {}
+
+    def _parts(self, step:int, now:float) -> list:
+        "Epoch, loss means since the last line, elapsed time."
+        out = []
+        if self.epoch_steps:
+            out.append(f'epoch {max(1, -(-step // self.epoch_steps))}/{-(-self.steps // self.epoch_steps)}')
+        if self._sums:
+            out.append(' '.join(f'{k} {self._sums[k] / self._counts[k]:.4g}' for k in list(self._sums)[:self.max_terms]))
+        return out + [f'{format_duration(now - self.t0)} elapsed']
+
+    def line(self,
+             step:int, # s: steps done
+             now:float, # t: the time (of `clock`)
+            ) -> str:
+        "The progress line at `step` steps done and time `now`: step, share done, epoch, losses, elapsed time, ETA."
+        S, done = self.steps, step - self.start
+        eta = format_duration((S - step) * (now - self.t0) / done) if done > 0 else '?'
+        return f'[{self.desc}] ' + ', '.join([f'step {step}/{S} ({100 * step // S}%)', *self._parts(step, now), f'ETA {eta}'])
+
+    def update(self,
+               step:int, # steps done, this one included
+               terms:Mapping|None=None, # this step's loss terms
+              ) -> str|None:
+        "Count one step's loss terms; write and return a line if `every` seconds have passed since the last one."
+        for k, v in (terms or {}).items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v); self._counts[k] = self._counts.get(k, 0) + 1
+        now = self.clock()
+        return self._write(self.line(step, now), now) if now - self.t_last >= self.every else None
+
+    def close(self,
+              step:int, # steps done
+              how:str='done', # 'done', 'stopped' or 'interrupted'
+             ) -> str|None:
+        "Write and return the last line; none when this call ran no step and wrote no line (a finished run reloaded)."
+        if step <= self.start and not self.n_lines: return None
+        now = self.clock()
+        return self._write(f'[{self.desc}] ' + ', '.join([f'{how} at step {step}/{self.steps}', *self._parts(step, now)]), now)
+
+    def _write(self, line:str, now:float) -> str:
+        self.t_last, self._sums, self._counts, self.n_lines = now, {}, {}, self.n_lines + 1
+        try:
+            if isinstance(self.out, (str, Path)):
+                with open(self.out, 'a', encoding='utf-8') as f: f.write(line + '\n')
+            elif self.out is not None: self.out.write(line + '\n'); self.out.flush()
+        except (OSError, ValueError) as e:  # progress must never stop training
+            get_logger('nucbook.engine.loop').warning(f'{self.out}: cannot write progress lines ({e}); no more of them')
+            self.out = None
+        return line
+
 # %% ../../nbs/08_loop.ipynb #92255cf8
 FORMAT = 'nucbook.engine.loop/1'
 
@@ -264,8 +349,9 @@ class ResumableLoop:
                  extend:bool=False, # allow more `steps` than the checkpoint's run had
                  extend_keys:Iterable[str]=(), # settings that may change along with `steps` when extending (e.g. 'epochs')
                  history:LossHistory|None=None, # where the loss terms go (default: every step, at most 10,000 records)
-                 progress:bool=True, # tqdm progress bar (rank 0)
-                 desc:str='train', # progress-bar label
+                 progress:bool=True, # tqdm progress bar (rank 0); with `$NUCBOOK_PROGRESS` set, plain lines instead
+                 desc:str='train', # label of the bar and the progress lines
+                 epoch_steps:int=0, # steps per epoch, for the epoch the progress lines show (0: none)
                 ):
         if int(steps) < 1: raise ValueError(f'steps must be >= 1, got {steps}')
         bad = [k for k, o in state.items() if not (hasattr(o, 'state_dict') and hasattr(o, 'load_state_dict'))]
@@ -276,7 +362,7 @@ class ResumableLoop:
         self.ckpt_every, self.ckpt_seconds, self.max_seconds = int(ckpt_every or 0), ckpt_seconds, max_seconds
         self.callbacks, self.resume, self.extend, self.extend_keys = list(callbacks), resume, extend, set(extend_keys)
         self.history = history if history is not None else LossHistory()
-        self.progress, self.desc = progress, desc
+        self.progress, self.desc, self.epoch_steps = progress, desc, int(epoch_steps or 0)
         self.step = self.resumed_from = 0  # steps done; the step the last resume started from
         self.elapsed, self.stopped, self.last_terms = 0.0, False, {}
         self._restored = self._stop_requested = self._save_requested = False
@@ -348,9 +434,13 @@ class ResumableLoop:
         from tqdm.auto import tqdm
         self.restore()
         rank, world = world_info()
+        target = progress_target() if rank == 0 else None
+        lines = None if target is None else ProgressLines(self.desc, self.steps, self.step, progress_every(),
+                                                          self.epoch_steps, target)
         self.stopped = self._stop_requested = False
         self._t_run = self._last_save = t0 = time.monotonic()
-        bar = tqdm(total=self.steps, initial=self.step, desc=self.desc, disable=not self.progress or rank != 0, leave=False)
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.desc, disable=not self.progress or rank != 0 or lines is not None,
+                   leave=False)
         try:
             while self.step < self.steps:
                 terms = {k: float(v) for k, v in (self.step_fn(self.step) or {}).items()}
@@ -359,6 +449,7 @@ class ResumableLoop:
                 for cb in self.callbacks: cb(self, terms)
                 bar.update(1)
                 if terms: bar.set_postfix({k: f'{v:.4g}' for k, v in list(terms.items())[:4]}, refresh=False)
+                if lines is not None: lines.update(self.step, terms)
                 now = time.monotonic()
                 stop = _agree(self._stop_requested or (self.max_seconds is not None and now - t0 >= self.max_seconds))
                 if (stop or self._save_requested or self.step == self.steps
@@ -372,6 +463,7 @@ class ResumableLoop:
                     break
         finally:
             bar.close()
+            if lines is not None: lines.close(self.step, 'done' if self.finished else 'stopped' if self.stopped else 'interrupted')
             self.elapsed += time.monotonic() - self._t_run; self._t_run = None
         if world > 1: dist.barrier()
         return self

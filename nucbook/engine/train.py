@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..core import atomic_write_json, atomic_write_text, get_device, get_logger, autocast
 from ..data.sample import Sample
 from ..data.crops import random_crop
-from ..augment.mix import StandardAugment
+from ..augment.standard import PROFILES as STANDARD_PROFILES, StandardAugment
 from ..models.hovernet import hovernet_targets, hovernet_loss
 from .loop import ResumableLoop, data_identity, world_info
 
@@ -42,7 +42,7 @@ class TrainConfig:
     eta_min:float = 0.0 # learning rate at the end of each cycle
     grad_clip:float|None = 5.0 # max gradient norm (None: no clipping)
     loss_weights:dict|None = None # `hovernet_loss` term weights (default all 1)
-    augment:bool = True # standard on-the-fly augmentation (flips, 90-degree rotations, colour jitter, blur)
+    augment:bool|str = True # standard on-the-fly augmentation: 'hovernet' (HoVer-Net's: scale, shift, free rotation, shear, flips, blur/noise, colour; from a larger context crop), True or 'light' (8 flips/rotations, mild colour jitter, blur), False (none)
     min_area:int = 0 # drop nuclei cut by the crop to fewer pixels than this
     amp:str = 'auto' # 'auto' (bf16 on CUDA, off on CPU), 'bf16', 'fp16' or 'off'
     val_every:int = 1 # evaluate on the validation set every N epochs (0: never)
@@ -93,18 +93,23 @@ class CropDataset(torch.utils.data.Dataset):
             raise ValueError('the model predicts types but some training samples have no type map')
         if cfg.crop_size % 8: raise ValueError(f'crop_size must be a multiple of 8, got {cfg.crop_size}')
         self.samples, self.cfg, self.online, self.typed = samples, cfg, list(online or []), typed
-        self.augment = StandardAugment() if cfg.augment else None
+        a = 'light' if cfg.augment is True else cfg.augment
+        if a in (False, None): self.augment, self.side = None, cfg.crop_size
+        elif isinstance(a, str) and a in STANDARD_PROFILES:  # 'light' keeps the crop size; the others warp a context crop
+            self.augment = StandardAugment(profile=a, size=None if a == 'light' else cfg.crop_size)
+            self.side = self.augment.context(cfg.crop_size) if a != 'light' else cfg.crop_size
+        else: raise ValueError(f'TrainConfig.augment must be True, False or one of {sorted(STANDARD_PROFILES)}, got {cfg.augment!r}')
 
     def __len__(self): return len(self.samples) * self.cfg.crops_per_image
 
     def sample(self, epoch:int, item:int) -> Sample:
         "The augmented crop of `item` in `epoch`."
         rng = np.random.default_rng([self.cfg.seed, epoch, item])
-        s = random_crop(self.samples[item % len(self.samples)], self.cfg.crop_size, rng, self.cfg.min_area)
+        s = random_crop(self.samples[item % len(self.samples)], self.side, rng, self.cfg.min_area)
         for t in self.online:
             s = t(s, rng)
-            if s.shape != (self.cfg.crop_size,) * 2:
-                raise ValueError(f'online transform {getattr(t, "__name__", t)!r} changed the crop size to {s.shape}')
+            if s.shape != (self.side,) * 2:
+                raise ValueError(f'online transform {getattr(t, "__name__", t)!r} changed the crop size from {(self.side,) * 2} to {s.shape}')
         return self.augment(s, rng) if self.augment else s
 
     def __getitem__(self, key:tuple) -> dict:
@@ -326,7 +331,7 @@ class Trainer:
         self.loop = ResumableLoop(self.out_dir/'last.pt', state, self.settings(), cfg.epochs * self.steps_per_epoch,
                                   lambda step: self.train_step(self._batch(step)), ckpt_every=cfg.ckpt_every,
                                   ckpt_seconds=cfg.ckpt_seconds, max_seconds=cfg.max_seconds, callbacks=[self._after_step],
-                                  resume=resume, extend=extend, extend_keys=('epochs',), progress=cfg.progress,
+                                  resume=resume, extend=extend, extend_keys=('epochs',), progress=cfg.progress, epoch_steps=self.steps_per_epoch,
                                   desc=f'train {self.out_dir.name}')
         self._t_epoch, self._steps_here = time.perf_counter(), 0
         try: self.loop.run()

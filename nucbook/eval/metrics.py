@@ -1,5 +1,6 @@
 """Instance (Dice, AJI, AJI+, DQ/SQ/PQ, object and pixel F1), classification (F1_d, Acc, F1_c) and per-class
-panoptic metrics (mPQ, bPQ, mPQ+) with HoVer-Net's exact semantics, computed from one contingency table.
+panoptic metrics (mPQ, bPQ, mPQ+) with HoVer-Net's exact semantics by default, CoNIC's and stardist's conventions
+selectable (IoU `>` or `>=`, empty images, R² of per-class counts), computed from one contingency table.
 
 Docs: https://nucbook.github.io/nucbook/metrics.html.md"""
 
@@ -19,9 +20,10 @@ from scipy.spatial.distance import cdist
 from ..data.sample import Sample, LabelError, check_inst_map, instance_centroids, types_from_type_map
 
 # %% auto #0
-__all__ = ['DENSE_TABLE_LIMIT', 'DENSE_LSA_LIMIT', 'INSTANCE_METRICS', 'remap_ids', 'Overlaps', 'overlaps', 'dice1', 'dice2',
-           'aji', 'aji_plus', 'pq', 'object_f1', 'pixel_f1', 'instance_metrics', 'pair_centroids',
-           'classification_stats', 'class_pq_counts', 'class_pq', 'pooled_class_pq', 'evaluate']
+__all__ = ['DENSE_TABLE_LIMIT', 'DENSE_LSA_LIMIT', 'MATCHES', 'EMPTY_VALUES', 'INSTANCE_METRICS', 'CONVENTIONS', 'remap_ids',
+           'Overlaps', 'overlaps', 'dice1', 'dice2', 'aji', 'aji_plus', 'pq', 'object_f1', 'pixel_f1',
+           'instance_metrics', 'resolve_conventions', 'pair_centroids', 'classification_stats', 'class_pq_counts',
+           'class_pq', 'pooled_class_pq', 'class_counts', 'count_r2', 'evaluate']
 
 # %% ../../nbs/05_metrics.ipynb #d13c591b
 def remap_ids(
@@ -159,27 +161,43 @@ def _aji_plus(o:Overlaps) -> float:
 def _check_threshold(iou_threshold):
     if not 0 <= iou_threshold < 1: raise ValueError(f'iou_threshold must be in [0, 1), got {iou_threshold}')
 
+MATCHES = ('>', '>=')  # IoU comparisons: '>' IoU above the threshold (HoVer-Net, CoNIC), '>=' at least it (stardist)
+EMPTY_VALUES = {'skip': np.nan, 'zero': 0.0, 'one': 1.0}  # instance metrics of an image with no true and no predicted nuclei
+
+def _check_match(match):
+    if match not in MATCHES:
+        raise ValueError(f"match must be '>' (IoU above the threshold, HoVer-Net/CoNIC) or '>=' (stardist), got {match!r}")
+
+def _check_empty(empty):
+    if empty not in EMPTY_VALUES:
+        raise ValueError(f"empty must be one of {list(EMPTY_VALUES)} (how an image without true and predicted nuclei "
+                         f"enters a mean), got {empty!r}")
+
 def _pq_pairs(
     o:Overlaps, iou_threshold:float,
     keep_true:np.ndarray|None=None, # (n_true,) bool: only these true instances take part (per-class PQ)
     keep_pred:np.ndarray|None=None, # (n_pred,) bool: only these predicted instances take part
+    match:str='>', # '>': a TP needs IoU > threshold; '>=': IoU >= threshold
 ) -> np.ndarray:
     "Boolean mask over the pairs of `o`: the TP pairs of PQ."
     iou = o.iou
     if keep_true is None: keep_true, keep_pred = np.ones(o.n_true, bool), np.ones(o.n_pred, bool)
     sel = keep_true[o.ti] & keep_pred[o.pi]
-    if iou_threshold >= 0.5: return sel & (iou > iou_threshold)
+    ok = iou > iou_threshold if match == '>' else iou >= iou_threshold
+    if iou_threshold > 0.5 or (iou_threshold == 0.5 and match == '>'): return sel & ok  # provably one-to-one
+    # IoU >= 0.5 can tie: two halves of a nucleus both have IoU exactly 0.5; pair the candidates one-to-one
+    if iou_threshold == 0.5: sel = sel & ok
     # Hungarian pairing on the matrix of the kept instances only, in id order (as on a class-restricted map)
     row, col = np.cumsum(keep_true) - 1, np.cumsum(keep_pred) - 1
     idx = np.flatnonzero(sel)
     chosen = np.zeros(len(iou), bool)
     chosen[idx[_max_weight_pairs(row[o.ti[idx]], col[o.pi[idx]], iou[idx], int(keep_true.sum()),
                                  int(keep_pred.sum()))]] = True
-    return chosen & (iou > iou_threshold)
+    return chosen & ok
 
-def _pq_counts(o:Overlaps, iou_threshold:float=0.5) -> tuple[int, int, int, float]:
+def _pq_counts(o:Overlaps, iou_threshold:float=0.5, match:str='>') -> tuple[int, int, int, float]:
     "TP, FP, FN and the summed IoU of the TP pairs."
-    tp_mask = _pq_pairs(o, iou_threshold)
+    tp_mask = _pq_pairs(o, iou_threshold, match=match)
     tp = int(tp_mask.sum())
     return tp, o.n_pred - tp, o.n_true - tp, float(o.iou[tp_mask].sum())
 
@@ -210,16 +228,22 @@ def aji_plus(true:np.ndarray, pred:np.ndarray) -> float:
 def pq(
     true:np.ndarray, # true instance map
     pred:np.ndarray, # predicted instance map
-    iou_threshold:float=0.5, # pairs need IoU strictly above this
+    iou_threshold:float=0.5, # pairs need IoU above this (or at least this, with `match='>='`)
+    match:str='>', # '>': IoU > threshold (HoVer-Net, CoNIC); '>=': IoU >= threshold (stardist)
 ) -> tuple[float, float, float]:
     "`(dq, sq, pq)` as HoVer-Net `get_fast_pq`; all NaN if both maps are empty, 0 if one is."
-    _check_threshold(iou_threshold)
-    return _dq_sq_pq(*_pq_counts(overlaps(true, pred), iou_threshold))
+    _check_threshold(iou_threshold); _check_match(match)
+    return _dq_sq_pq(*_pq_counts(overlaps(true, pred), iou_threshold, match))
 
-def object_f1(true:np.ndarray, pred:np.ndarray, iou_threshold:float=0.5) -> float:
+def object_f1(
+    true:np.ndarray, # true instance map
+    pred:np.ndarray, # predicted instance map
+    iou_threshold:float=0.5, # PQ's pairing threshold
+    match:str='>', # '>': IoU > threshold (HoVer-Net, CoNIC); '>=': IoU >= threshold (stardist)
+) -> float:
     "Detection F1 = 2TP / (2TP + FP + FN), TP = pairs with IoU > `iou_threshold` (PQ's pairing)."
-    _check_threshold(iou_threshold)
-    tp, fp, fn, _ = _pq_counts(overlaps(true, pred), iou_threshold)
+    _check_threshold(iou_threshold); _check_match(match)
+    tp, fp, fn, _ = _pq_counts(overlaps(true, pred), iou_threshold, match)
     return np.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 def pixel_f1(true:np.ndarray, pred:np.ndarray) -> float:
@@ -234,16 +258,42 @@ def instance_metrics(
     pred:np.ndarray, # predicted instance map
     iou_threshold:float=0.5, # PQ / object F1 pairing threshold
     o:Overlaps|None=None, # a precomputed contingency table of (true, pred)
+    match:str='>', # '>': a TP needs IoU > threshold (HoVer-Net, CoNIC); '>=': IoU >= threshold (stardist)
+    empty:str='skip', # no true and no predicted nuclei: every metric NaN ('skip': left out of means), 0 ('zero'), 1 ('one')
+    eps_dq:float=0.0, # added to DQ's denominator: 0 as HoVer-Net `get_fast_pq`, 1e-6 as CoNIC `get_pq`
 ) -> dict:
     "All instance metrics of one image (`INSTANCE_METRICS`) plus the counts `n_true, n_pred, tp, fp, fn`."
-    _check_threshold(iou_threshold)
+    _check_threshold(iou_threshold); _check_match(match); _check_empty(empty)
     o = overlaps(true, pred) if o is None else o
-    tp, fp, fn, sum_iou = _pq_counts(o, iou_threshold)
-    dq, sq, pq_ = _dq_sq_pq(tp, fp, fn, sum_iou)
+    if _both_empty(o):
+        return dict(n_true=0, n_pred=0, tp=0, fp=0, fn=0, **{k: EMPTY_VALUES[empty] for k in INSTANCE_METRICS})
+    tp, fp, fn, sum_iou = _pq_counts(o, iou_threshold, match)
+    dq, sq, pq_ = _dq_sq_pq(tp, fp, fn, sum_iou, eps_dq)
     d1 = _dice1(o)
     return dict(n_true=o.n_true, n_pred=o.n_pred, tp=tp, fp=fp, fn=fn, dice1=d1, aji=_aji(o), dq=dq, sq=sq, pq=pq_,
                 aji_plus=_aji_plus(o), dice2=_dice2(o),
                 object_f1=np.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn), pixel_f1=d1)
+
+# %% ../../nbs/05_metrics.ipynb #1e48cb3e
+CONVENTIONS = {  # metric conventions of the reference codes whose numbers papers report
+    'hovernet': dict(match='>', empty='skip', eps_dq=0.0),    # vqdang/hover_net (raises on an empty image: we skip it)
+    'conic': dict(match='>', empty='zero', eps_dq=1.0e-6),    # TissueImageAnalytics/CoNIC compute_stats.py, get_pq
+    'stardist': dict(match='>=', empty='zero', eps_dq=0.0),   # stardist.matching.matching(_dataset(by_image=True))
+}
+
+def resolve_conventions(
+    conventions:str='hovernet', # a key of `CONVENTIONS`
+    match:str|None=None, # overrides the preset's IoU comparison, '>' or '>='
+    empty:str|None=None, # overrides the preset's policy for images without nuclei, 'skip', 'zero' or 'one'
+) -> dict:
+    "`{match, empty, eps_dq, label}` of a preset with overrides; `label` names both, e.g. `'hovernet,match=>='`."
+    if conventions not in CONVENTIONS:
+        raise ValueError(f'unknown metric conventions {conventions!r}; known: {", ".join(CONVENTIONS)}')
+    base = CONVENTIONS[conventions]
+    out = base | {k: v for k, v in dict(match=match, empty=empty).items() if v is not None}
+    _check_match(out['match']); _check_empty(out['empty'])
+    label = conventions + ''.join(f',{k}={out[k]}' for k in ('match', 'empty') if out[k] != base[k])
+    return out | {'label': label}
 
 # %% ../../nbs/05_metrics.ipynb #9b67d26e
 def pair_centroids(
@@ -298,9 +348,11 @@ def class_pq_counts(
     true_types:np.ndarray, # (n_true,) type of each true instance (in remapped id order)
     pred_types:np.ndarray, # (n_pred,) type of each predicted instance
     type_ids:Sequence[int], # classes to count
-    iou_threshold:float=0.5,
+    iou_threshold:float=0.5, # PQ's pairing threshold
+    match:str='>', # '>': IoU > threshold (HoVer-Net, CoNIC); '>=': IoU >= threshold (stardist)
 ) -> np.ndarray:
     "(n_types, 4) array of TP, FP, FN and summed IoU per class for one image."
+    _check_threshold(iou_threshold); _check_match(match)
     true_types = np.asarray(true_types).ravel(); pred_types = np.asarray(pred_types).ravel()
     if len(true_types) != o.n_true or len(pred_types) != o.n_pred:
         raise LabelError(f'{len(true_types)} true / {len(pred_types)} predicted types for '
@@ -308,7 +360,7 @@ def class_pq_counts(
     out = np.zeros((len(type_ids), 4))
     iou = o.iou
     for k, c in enumerate(type_ids):
-        tp_mask = _pq_pairs(o, iou_threshold, true_types == c, pred_types == c)
+        tp_mask = _pq_pairs(o, iou_threshold, true_types == c, pred_types == c, match)
         tp = tp_mask.sum()
         out[k] = tp, (pred_types == c).sum() - tp, (true_types == c).sum() - tp, iou[tp_mask].sum()
     return out
@@ -328,7 +380,7 @@ def pooled_class_pq(
     "CoNIC pooled per-class PQ (mPQ+ is its mean)."
     return np.array([_dq_sq_pq(tp, fp, fn, s, eps_dq=1.0e-6)[2] for tp, fp, fn, s in counts])
 
-# %% ../../nbs/05_metrics.ipynb #439941b2
+# %% ../../nbs/05_metrics.ipynb #0a3e3d21
 def _as_map_and_types(x, types, source):
     "(instance map, per-instance types in remapped order or None, meta) of one image."
     meta = {}
@@ -348,6 +400,51 @@ def _as_map_and_types(x, types, source):
         return m, types_from_type_map(r, types), meta
     return m, types.ravel(), meta
 
+def class_counts(
+    insts:Sequence, # per image: a `Sample` or an integer instance map
+    type_ids:Sequence[int], # classes counted, one column each
+    types:Sequence|None=None, # per image: per-instance types (sorted-id order) or a type map; None: the `Sample`s' own
+    crop:tuple[int, int]|None=None, # (h, w): count only nuclei with a pixel in the central h x w window (CoNIC: (224, 224))
+) -> np.ndarray:
+    "(n_images, n_types) int64 number of nuclei of each type in each image (the counts of CoNIC's cell composition)."
+    if types is not None and len(types) != len(insts):
+        raise ValueError(f'{len(insts)} images but {len(types)} type entries')
+    out = np.zeros((len(insts), len(type_ids)), np.int64)
+    for i, x in enumerate(insts):
+        m, ty, _ = _as_map_and_types(x, None if types is None else types[i], f'image[{i}]')
+        if ty is None: raise LabelError(f'image[{i}]: no nucleus types (pass `types`, or Samples with types)')
+        r, ids = remap_ids(m, f'image[{i}]')
+        if len(ty) != len(ids): raise LabelError(f'image[{i}]: {len(ty)} types for {len(ids)} instances')
+        if crop is not None:
+            h, w = crop
+            if not (0 < h <= r.shape[0] and 0 < w <= r.shape[1]):
+                raise ValueError(f'crop {tuple(crop)} does not fit image[{i}] of shape {r.shape}')
+            y0, x0 = (r.shape[0] - h) // 2, (r.shape[1] - w) // 2  # CoNIC's cropping_center
+            r = r[y0:y0 + h, x0:x0 + w]
+        inside = np.bincount(r.ravel(), minlength=len(ids) + 1)[1:] > 0
+        out[i] = [np.count_nonzero(ty[inside] == c) for c in type_ids]
+    return out
+
+def count_r2(
+    true_counts, # (n_images, n_types) true counts: an array, or a DataFrame with one column per class
+    pred_counts, # predicted counts of the same shape (DataFrame columns are matched to the true ones by name)
+) -> tuple[float, np.ndarray]:
+    "CoNIC's multi-class R²: `(mean over classes, R² per class)`, each sklearn's `r2_score` of the per-image counts."
+    if isinstance(true_counts, pd.DataFrame) and isinstance(pred_counts, pd.DataFrame):
+        missing = [c for c in true_counts.columns if c not in pred_counts.columns]
+        if missing: raise ValueError(f'the predicted counts have no column {missing}')
+        pred_counts = pred_counts[list(true_counts.columns)]
+    y, y_hat = np.asarray(true_counts, np.float64), np.asarray(pred_counts, np.float64)
+    if y.ndim != 2 or y.shape != y_hat.shape:
+        raise ValueError(f'true counts {y.shape} and predicted counts {y_hat.shape} must both be (n_images, n_types)')
+    if len(y) < 2: return np.nan, np.full(y.shape[1], np.nan)  # sklearn: not defined for fewer than two images
+    ss_res = ((y - y_hat) ** 2).sum(0)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        r2 = np.where(ss_tot > 0, 1 - ss_res / ss_tot, np.where(ss_res == 0, 1.0, 0.0))
+    return (float(r2.mean()) if r2.size else np.nan), r2
+
+# %% ../../nbs/05_metrics.ipynb #439941b2
 def evaluate(
     trues:Sequence, # per image: a `Sample` or an integer instance map
     preds:Sequence, # per image: a `Sample` or an integer instance map
@@ -357,9 +454,13 @@ def evaluate(
     type_ids:Sequence[int]|None=None, # classes scored; default: the sorted non-zero true types of the dataset
     names:Sequence[str]|None=None, # image names; default `meta['image_id']` or the index
     groups:Sequence[str]|None=None, # image groups; default `meta['group']` where present
+    conventions:str='hovernet', # metric conventions, a key of `CONVENTIONS`: 'hovernet', 'conic' or 'stardist'
+    match:str|None=None, # overrides the IoU comparison: '>' (IoU > threshold) or '>=' (IoU >= threshold)
+    empty:str|None=None, # overrides how images without true and predicted nuclei enter the means: 'skip', 'zero', 'one'
 ) -> pd.DataFrame:
     "Per-image metrics, their means and the pooled classification statistics of a dataset."
     _check_threshold(iou_threshold)
+    conv = resolve_conventions(conventions, match, empty)
     if len(trues) != len(preds): raise ValueError(f'{len(trues)} true images but {len(preds)} predicted images')
     n = len(trues)
     tt_in, pt_in = (types if types is not None else ([None] * n, [None] * n))
@@ -371,7 +472,8 @@ def evaluate(
         o = overlaps(tm, pm)
         name = names[i] if names is not None else tmeta.get('image_id', pmeta.get('image_id', str(i)))
         group = groups[i] if groups is not None else tmeta.get('group', pmeta.get('group'))
-        rows.append(dict(kind='image', image=name, group=group, n_images=1, **instance_metrics(tm, pm, iou_threshold, o)))
+        m = instance_metrics(tm, pm, iou_threshold, o, match=conv['match'], empty=conv['empty'], eps_dq=conv['eps_dq'])
+        rows.append(dict(kind='image', image=name, group=group, n_images=1, **m))
         typed = typed and ttypes is not None and ptypes is not None
         tables.append((tm, pm, o, ttypes, ptypes))
     has_groups = any(r['group'] is not None for r in rows)
@@ -383,7 +485,7 @@ def evaluate(
             type_ids = sorted(set(np.concatenate([np.asarray(x[3], np.int64) for x in tables]).tolist()) - {0})
         counts = []
         for r, (tm, pm, o, ttypes, ptypes) in zip(rows, tables):
-            c = class_pq_counts(o, ttypes, ptypes, type_ids, iou_threshold); counts.append(c)
+            c = class_pq_counts(o, ttypes, ptypes, type_ids, iou_threshold, conv['match']); counts.append(c)
             pqc = class_pq(c)
             r['bpq'] = r['pq'] if o.n_true else np.nan
             r['mpq'] = np.nanmean(pqc) if np.isfinite(pqc).any() else np.nan
@@ -403,6 +505,8 @@ def evaluate(
             row.update({c: float(np.nanmean(sub[c].to_numpy(np.float64))) if len(idx) else np.nan for c in metric_cols})
             summary.append(row)
         if typed and n:
+            n_true_c, n_pred_c = (np.array([[np.count_nonzero(np.asarray(x[j]) == c) for c in type_ids] for x in tables],
+                                           np.int64).reshape(n, len(type_ids)) for j in (3, 4))  # nuclei per image, class
             for gname, idx in selections:
                 pts_t, pts_p = [], []
                 for i in idx:
@@ -415,7 +519,10 @@ def evaluate(
                     np.full(len(type_ids), np.nan)
                 row['mpq_plus'] = float(np.mean(pooled)) if len(type_ids) else np.nan
                 for k, ci in enumerate(type_ids): row[f'pq_plus_{ci}'] = pooled[k]
+                row['r2'], r2_c = count_r2(n_true_c[idx], n_pred_c[idx])
+                for k, ci in enumerate(type_ids): row[f'r2_{ci}'] = r2_c[k]
                 summary.append(row)
     df = pd.concat([df_img, pd.DataFrame(summary)], ignore_index=True)
     if not has_groups: df = df.drop(columns='group')
+    df['conventions'] = conv['label']
     return df

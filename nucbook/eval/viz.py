@@ -1,5 +1,6 @@
-"""Looking at data: instance contours coloured by type, a per-dataset summary with the nucleus-size distribution,
-and a browser for JupyterLab.
+"""Looking at data: instance outlines coloured by type with one colour key, figures legible at their saved size
+(outline width scaled to the drawing, zoom rows for large tiles, exact pixel layout, small palette PNGs), a
+per-dataset summary with the nucleus-size distribution, and a browser for JupyterLab.
 
 Docs: https://nucbook.github.io/nucbook/viz.html.md"""
 
@@ -7,15 +8,19 @@ Docs: https://nucbook.github.io/nucbook/viz.html.md"""
 
 # %% ../../nbs/04_viz.ipynb #d6758d7e
 from __future__ import annotations
+import io, math, textwrap
+from pathlib import Path
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
-from skimage.segmentation import find_boundaries
+from skimage.morphology import dilation, erosion, disk
+from ..core import atomic_write
 from ..data.sample import Sample
 
 # %% auto #0
-__all__ = ['TYPE_COLOURS', 'type_colour', 'overlay', 'show_samples', 'nucleus_table', 'dataset_summary', 'plot_area_distribution',
-           'browse']
+__all__ = ['TYPE_COLOURS', 'type_colour', 'type_key', 'instance_edges', 'overlay', 'panel_scale', 'outline_width', 'zoom_box',
+           'image_grid', 'save_figure', 'show_sample_grid', 'show_samples', 'nucleus_table', 'dataset_summary',
+           'plot_area_distribution', 'browse']
 
 # %% ../../nbs/04_viz.ipynb #fc68b18a
 TYPE_COLOURS = ['#ff0000', '#ffd700', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#17becf', '#e377c2', '#8c564b', '#bcbd22']
@@ -26,37 +31,248 @@ def type_colour(t:int) -> np.ndarray:
     h = TYPE_COLOURS[(t - 1) % len(TYPE_COLOURS)].lstrip('#')
     return np.array([int(h[i:i + 2], 16) for i in (0, 2, 4)], np.uint8)
 
+def type_key(
+    class_names:dict|None=None, # type id -> name (0 = background is left out); None: untyped outlines only
+    untyped:bool|None=None, # add the entry of untyped outlines (default: when `class_names` is None)
+    filled:bool=False, # filled squares (for type maps drawn as colours) instead of outlines
+) -> list:
+    "Legend handles of the outline colours, one per type (and one for untyped nuclei): `fig.legend(handles=type_key(names))`."
+    from matplotlib.patches import Patch
+    patch = lambda t, label: (Patch(facecolor=type_colour(t) / 255, label=label) if filled else
+                              Patch(facecolor='none', edgecolor=type_colour(t) / 255, linewidth=2, label=label))
+    out = [patch(int(k), str(v)) for k, v in sorted((class_names or {}).items(), key=lambda kv: int(kv[0])) if int(k) > 0]
+    if untyped or (untyped is None and class_names is None): out.append(patch(0, 'nucleus (untyped)'))
+    return out
+
+def instance_edges(
+    inst_map:np.ndarray, # int instance map (0 = background)
+    width:int=1, # outline width in image pixels
+) -> np.ndarray:
+    "Bool mask of every instance's inner outline, `width` pixels wide (1: `find_boundaries(inst_map, mode='inner')`)."
+    if isinstance(width, bool) or int(width) != width or width < 1:
+        raise ValueError(f'instance_edges: width must be a whole number >= 1, got {width!r}')
+    fp = disk(int(width)) # disk(1) is the 4-neighbour cross of find_boundaries
+    return ((dilation(inst_map, fp) != inst_map) | (erosion(inst_map, fp) != inst_map)) & (inst_map > 0)
+
 def overlay(
     sample:Sample, # sample to draw
-    thickness:str='inner', # `find_boundaries` mode: 'inner' (1 px inside each nucleus), 'thick', ...
+    width:int=1, # outline width in image pixels (`outline_width` gives the width a drawing scale needs)
 ) -> np.ndarray:
-    "RGB image with every instance's contour drawn in its type's colour (green if untyped)."
+    "RGB image with every instance's outline drawn in its type's colour (green if untyped)."
     out = sample.image.copy()
-    edge = find_boundaries(sample.inst_map, mode=thickness) & (sample.inst_map > 0)
+    edge = instance_edges(sample.inst_map, width)
     if sample.inst_types is None: out[edge] = type_colour(0); return out
     lut = np.stack([type_colour(0)] + [type_colour(int(t)) for t in sample.inst_types])
     out[edge] = lut[sample.inst_map[edge]]
     return out
 
-def show_samples(
-    samples:list[Sample], # samples to show (the first `n`)
-    n:int=4, # how many
-    class_names:dict|None=None, # type id -> name, for the legend
-    size:float=2.2, # inches per panel
-    title:str|None=None, # figure title
+
+# %% ../../nbs/04_viz.ipynb #db36826c
+def panel_scale(
+    shape:tuple, # (H, W) of the image (or of the largest image of a row)
+    panel:float, # P: display px of a panel's longer side
+    max_scale:float=2.0, # s_max: small images are enlarged at most this much
+) -> float:
+    "Display px per image px of an image drawn in a panel of `panel` px: s = min(s_max, P / max(H, W))."
+    side = max(shape[:2])
+    if side <= 0 or not panel > 0: raise ValueError(f'panel_scale: need a non-empty image and a positive panel, got {tuple(shape)} and {panel!r}')
+    return min(max_scale, panel / side)
+
+def outline_width(
+    scale:float, # s: display px per image px
+) -> int:
+    "Outline width in image px that is at least one display px wide at `scale`: w = max(1, ceil(1/s))."
+    if not scale > 0: raise ValueError(f'outline_width: scale must be positive, got {scale!r}')
+    return max(1, math.ceil(1 / scale - 1e-9))
+
+def zoom_box(
+    sample:Sample, # the sample to zoom into
+    side:int, # c: side of the square window in image px (clipped to the image)
+) -> tuple[int, int]:
+    "Top-left (y, x) of the `side` x `side` window holding the most nucleus types, then the most nucleus centroids."
+    H, W = sample.shape; side = int(min(side, H, W)); n = sample.n_instances
+    if n == 0: return (H - side) // 2, (W - side) // 2
+    ids = sample.inst_map.ravel()
+    ys, xs = np.divmod(np.arange(ids.size), W)
+    cnt = np.bincount(ids, minlength=n + 1)[1:]
+    cy = np.bincount(ids, ys, n + 1)[1:] / np.maximum(cnt, 1)
+    cx = np.bincount(ids, xs, n + 1)[1:] / np.maximum(cnt, 1)
+    t = np.asarray(sample.inst_types) if sample.inst_types is not None else np.zeros(n, int)
+    step = max(1, side // 4)
+    best, at = (-1, -1), (0, 0)
+    for y0 in sorted(set(range(0, H - side + 1, step)) | {H - side}):
+        for x0 in sorted(set(range(0, W - side + 1, step)) | {W - side}):
+            inside = (cnt > 0) & (cy >= y0) & (cy < y0 + side) & (cx >= x0) & (cx < x0 + side)
+            score = (len(np.unique(t[inside])), int(inside.sum()))
+            if score > best: best, at = score, (y0, x0)
+    return at
+
+
+# %% ../../nbs/04_viz.ipynb #d3118b8f
+def _line_px(fontsize:float, dpi:float) -> float: return fontsize * dpi / 72 * 1.35 # height of a line of text
+
+def image_grid(
+    images:list, # rows of images (H x W or H x W x 3 arrays; None leaves a cell empty)
+    titles:list|None=None, # a title per image, nested like `images` ('\n' starts a second line)
+    scale:float|list=1.0, # display px per image px: one for every row, or one per row
+    title:str|None=None, # figure title, wrapped to the figure's width
+    handles:list|None=None, # legend handles drawn as a key under the panels (e.g. `type_key(...)`)
+    dpi:int=100, # figure dpi; `save_figure` saves at it, so every size here is exact in the saved file
+    fontsize:float=8, # panel titles and key, in points
+    gap:int=10, # px between panels and around them
+    min_width:int=240, # px: narrower figures are widened (room for the title and key)
 ):
-    "One row of overlays with nucleus counts; returns the figure."
-    samples = samples[:n]
-    fig, axs = plt.subplots(1, len(samples), figsize=(size * len(samples), size + 0.4), dpi=60, squeeze=False)
-    for a, s in zip(axs[0], samples):
-        a.imshow(overlay(s)); a.axis('off')
-        a.set_title(f"{str(s.meta.get('image_id', ''))[:22]}\n{s.n_instances} nuclei", fontsize=8)
-    if class_names:
-        handles = [plt.Line2D([], [], color=type_colour(k) / 255, lw=3, label=v) for k, v in class_names.items() if k > 0]
-        fig.legend(handles=handles, loc='lower center', ncol=len(handles), fontsize=7, frameon=False)
-    if title: fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.07 if class_names else 0, 1, 0.9 if title else 1))
+    "A figure drawing every image at exactly `scale` display px per image px: `(fig, axes)`, axes nested like `images`."
+    rows = [list(r) for r in images]
+    if not any(im is not None for r in rows for im in r): raise ValueError('image_grid: no images to draw')
+    scales = [float(scale)] * len(rows) if np.isscalar(scale) else [float(s) for s in scale]
+    if len(scales) != len(rows): raise ValueError(f'image_grid: {len(scales)} scales for {len(rows)} rows')
+    if not all(s > 0 for s in scales): raise ValueError(f'image_grid: scales must be positive, got {scales}')
+    titles = [list(t) + [None] * (len(r) - len(t)) for r, t in zip(rows, titles)] if titles is not None else [[None] * len(r) for r in rows]
+    if len(titles) != len(rows): raise ValueError(f'image_grid: {len(titles)} title rows for {len(rows)} image rows')
+    size = lambda im, s: (max(1, round(im.shape[0] * s)), max(1, round(im.shape[1] * s))) # (h, w) in display px
+    ncol = max(len(r) for r in rows)
+    col_w = [max([size(r[j], s)[1] for r, s in zip(rows, scales) if j < len(r) and r[j] is not None] or [0]) for j in range(ncol)]
+    line = _line_px(fontsize, dpi)
+    row_t = [math.ceil(max([len(str(t).split('\n')) for t in tr if t] or [0]) * line) + (3 if any(tr) else 0) for tr in titles]
+    row_h = [max([size(im, s)[0] for im in r if im is not None] or [0]) for r, s in zip(rows, scales)]
+    W = max(min_width, sum(col_w) + gap * (ncol + 1))
+    x_off = (W - sum(col_w) - gap * (ncol + 1)) // 2 # centre the panels in a widened figure
+    tsize = fontsize + 1
+    wrapped = textwrap.fill(title, max(20, int(W / (0.55 * tsize * dpi / 72)))) if title else ''
+    head = math.ceil(len(wrapped.split('\n')) * _line_px(tsize, dpi)) + gap if title else 0
+    key_cols = key_rows = 0
+    if handles:
+        entry = max(len(h.get_label()) for h in handles) * 0.55 * fontsize * dpi / 72 + 3 * fontsize * dpi / 72
+        key_cols = max(1, min(len(handles), int((W - 2 * gap) // entry)))
+        key_rows = math.ceil(len(handles) / key_cols)
+    key = math.ceil(key_rows * line * 1.25) + gap // 2 if handles else 0
+    H = head + sum(row_t) + sum(row_h) + gap * (len(rows) + 1) + key
+    fig = plt.figure(figsize=(W / dpi, H / dpi), dpi=dpi)
+    axes, top = [], H - head - gap # px from the bottom
+    for r, tr, s, rt, rh in zip(rows, titles, scales, row_t, row_h):
+        top -= rt; x = x_off + gap; axr = []
+        for j, (im, t) in enumerate(zip(r, tr)):
+            if im is None: axr.append(None); x += col_w[j] + gap; continue
+            h, w = size(im, s)
+            ax = fig.add_axes([x / W, (top - h) / H, w / W, h / H])
+            ax.imshow(im, interpolation='antialiased' if s < 1 else 'nearest', aspect='auto')
+            ax.set_axis_off()
+            if t: ax.set_title(str(t), fontsize=fontsize, pad=2, linespacing=1.1)
+            axr.append(ax); x += col_w[j] + gap
+        axes.append(axr); top -= rh + gap
+    if title: fig.text(0.5, 1 - gap / 2 / H, wrapped, ha='center', va='top', fontsize=tsize, linespacing=1.1)
+    if handles: fig.legend(handles=handles, loc='lower center', bbox_to_anchor=(0.5, 0), ncol=key_cols, fontsize=fontsize,
+                           frameon=False, handlelength=1.2, columnspacing=1.2, borderaxespad=0.2)
+    return fig, axes
+
+def _palette_png(
+    data:bytes, # a PNG
+    colours:int, # palette size
+    keep=(), # RGB colours kept exactly when present (outline and key colours)
+) -> bytes:
+    "The PNG re-encoded with a palette: `keep` and the most frequent colours exactly, the rest adaptive (median cut), each pixel its nearest entry."
+    from PIL import Image
+    from scipy.spatial import cKDTree
+    rgb = Image.open(io.BytesIO(data)).convert('RGB')
+    a = np.asarray(rgb).reshape(-1, 3).astype(np.int64)
+    vals, inv, counts = np.unique((a[:, 0] << 16) | (a[:, 1] << 8) | a[:, 2], return_inverse=True, return_counts=True)
+    u = np.stack([(vals >> 16) & 255, (vals >> 8) & 255, vals & 255], -1)
+    if len(vals) <= colours: pal, idx = u, np.arange(len(vals))
+    else:
+        cand = np.concatenate([np.asarray(list(keep), np.int64).reshape(-1, 3), u[np.argsort(-counts, kind='stable')[:colours // 4]]])
+        _, first = np.unique(cand, axis=0, return_index=True)
+        fixed = cand[np.sort(first)][:colours // 2]
+        n = colours - len(fixed)
+        adapt = np.asarray(rgb.quantize(n, method=Image.Quantize.MEDIANCUT).getpalette()[:3 * n], np.int64).reshape(-1, 3)
+        pal = np.concatenate([fixed, adapt])
+        idx = cKDTree(pal).query(u)[1]
+    im = Image.fromarray(idx[inv.ravel()].astype(np.uint8).reshape(rgb.size[1], rgb.size[0]), 'P')
+    im.putpalette(pal.astype(np.uint8).ravel().tolist())
+    buf = io.BytesIO(); im.save(buf, 'PNG', optimize=True)
+    return buf.getvalue()
+
+def save_figure(
+    fig, # a matplotlib figure
+    path:str|Path, # file to write; its suffix is the format (.png, .jpg, .svg, .pdf)
+    dpi:float|None=None, # default: the figure's own dpi, so sizes set in pixels stay exact
+    colours:int|None=256, # PNG only: store with a palette of this many colours (None: full RGBA)
+    keep=(), # PNG palette: further RGB colours to keep exactly (the type colours, black and white always are)
+    **kwargs, # passed to `fig.savefig`
+) -> Path:
+    """Write `fig` to `path` atomically (a failed write leaves the old file); return the path. A palette PNG keeps the
+    outline and key colours, text and background exactly and is 2-3 times smaller than a full-colour one."""
+    path = Path(path); fmt = path.suffix.lstrip('.').lower()
+    if not fmt: raise ValueError(f'{path}: give the figure file a suffix (.png, .jpg, ...)')
+    if colours is not None and not 64 <= colours <= 256: raise ValueError(f'{path}: colours must be 64..256 or None, got {colours!r}')
+    buf = io.BytesIO(); fig.savefig(buf, format=fmt, dpi=dpi or fig.dpi, **kwargs)
+    exact = [tuple(int(v) for v in type_colour(t)) for t in range(len(TYPE_COLOURS) + 1)] + [(255, 255, 255), (0, 0, 0)] + [tuple(c) for c in keep]
+    data = _palette_png(buf.getvalue(), colours, exact) if fmt == 'png' and colours else buf.getvalue()
+    with atomic_write(path, 'wb') as f: f.write(data)
+    return path
+
+
+# %% ../../nbs/04_viz.ipynb #cfc95f1a
+def _class_names(samples:list, class_names:dict|None) -> dict|None:
+    "The names of the key: `class_names`, else 'type k' for every type present; None when no sample is typed."
+    typed = [s for s in samples if s.inst_types is not None]
+    if not typed: return None
+    if class_names: return {int(k): str(v) for k, v in class_names.items()}
+    ids = sorted({int(t) for s in typed for t in np.asarray(s.inst_types)} - {0})
+    return {k: f'type {k}' for k in ids}
+
+def show_sample_grid(
+    rows:list, # rows of Samples (e.g. a tile's truth and prediction side by side)
+    titles:list|None=None, # a title per sample, nested like `rows` (default: image id and nucleus count)
+    class_names:dict|None=None, # type id -> name for the colour key (default: 'type k' for typed samples)
+    title:str|None=None, # figure title
+    panel:int=320, # P: display px of a panel's longer side
+    min_scale:float=0.5, # s_min: a row drawn at fewer display px per image px gets a zoom row (zoom=False: the panels grow)
+    max_scale:float=2.0, # s_max: small images are enlarged at most this much
+    zoom:bool|None=None, # None: zoom rows where needed; True: always; False: never (panels grow to `min_scale` instead)
+    zoom_scale:float=1.5, # z: display px per image px in a zoom row
+    same_zoom:bool=False, # one zoom window per row, chosen on its first sample (truth and prediction show the same place)
+    dpi:int=100, # figure dpi
+):
+    "Rows of overlays with outlines as wide as the drawing scale needs, zoom rows for large images, a colour key; the figure."
+    rows = [list(r) for r in rows if len(r)]
+    if not rows: raise ValueError('show_sample_grid: no samples to show')
+    flat = [s for r in rows for s in r]
+    names = _class_names(flat, class_names)
+    titles = titles or [[f"{str(s.meta.get('image_id', ''))[:24]}\n{s.n_instances} nuclei" for s in r] for r in rows]
+    images, tt, scales, boxes = [], [], [], []
+    for r, tr in zip(rows, titles):
+        s = panel_scale(max((x.shape for x in r), key=max), panel, max_scale)
+        zoomed = zoom is True or (zoom is None and s < min_scale)
+        if zoom is False: s = max(s, min_scale)
+        images.append([overlay(x, outline_width(s)) for x in r]); tt.append(list(tr)); scales.append(s); boxes.append(None)
+        if zoomed:
+            c = int(min(panel // zoom_scale, *(min(x.shape) for x in r)))
+            at = [zoom_box(r[0], c)] * len(r) if same_zoom else [zoom_box(x, c) for x in r]
+            zw = outline_width(zoom_scale)
+            images.append([overlay(x, zw)[y:y + c, x0:x0 + c] for x, (y, x0) in zip(r, at)])
+            tt.append([f'×{zoom_scale:g} zoom of the square: x {x0}–{x0 + c}, y {y}–{y + c}' for y, x0 in at])
+            scales.append(zoom_scale); boxes[-1] = (at, c); boxes.append(None)
+    handles = type_key(names, untyped=any(x.inst_types is None for x in flat) or None)
+    fig, axes = image_grid(images, tt, scales, title=title, handles=handles, dpi=dpi)
+    from matplotlib.patches import Rectangle
+    for axr, b in zip(axes, boxes):
+        if b is None: continue
+        for ax, (y, x0) in zip(axr, b[0]):
+            for colour, lw in (('black', 2.2), ('white', 1.2)):
+                ax.add_patch(Rectangle((x0 - 0.5, y - 0.5), b[1], b[1], fill=False, edgecolor=colour, linewidth=lw))
     return fig
+
+def show_samples(
+    samples:list, # samples to show (the first `n`)
+    n:int=4, # how many
+    class_names:dict|None=None, # type id -> name, for the colour key
+    title:str|None=None, # figure title
+    **kwargs, # passed to `show_sample_grid` (panel, zoom, zoom_scale, min_scale, dpi, ...)
+):
+    "One row of overlays with nucleus counts (a zoom row under large tiles) and a colour key; returns the figure."
+    return show_sample_grid([list(samples[:n])], class_names=class_names, title=title, **kwargs)
+
 
 # %% ../../nbs/04_viz.ipynb #8a0b45b3
 def nucleus_table(
@@ -97,7 +313,7 @@ def plot_area_distribution(
     "Seaborn histogram of nucleus areas (log scale), one colour per type; returns the axes."
     import seaborn as sns
     df = nucleus_table(samples, class_names)
-    if ax is None: _, ax = plt.subplots(figsize=(4.5, 2.8), dpi=60)
+    if ax is None: _, ax = plt.subplots(figsize=(4.5, 2.8), dpi=100)
     hue = 'type_name' if class_names and df['type'].gt(0).any() else None
     palette = {v: type_colour(k) / 255 for k, v in class_names.items() if k > 0} if hue else None
     sns.histplot(df, x='area', hue=hue, palette=palette, log_scale=True, element='step', stat='count', ax=ax, bins=30)
@@ -120,8 +336,8 @@ def browse(
         s = samples[idx.value]
         with out:
             out.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(5, 5), dpi=60)
-            if show.value == 'overlay': ax.imshow(overlay(s))
+            fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+            if show.value == 'overlay': ax.imshow(overlay(s, outline_width(panel_scale(s.shape, 400))))
             elif show.value == 'image': ax.imshow(s.image)
             else: ax.imshow(s.inst_map, cmap='nipy_spectral', interpolation='nearest')
             ax.axis('off'); ax.set_title(f"{s.meta.get('image_id')}: {s.n_instances} nuclei", fontsize=9)

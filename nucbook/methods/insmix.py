@@ -25,9 +25,9 @@ from ..engine.loop import ResumableLoop, Stateful, step_seed
 from ..data.crops import random_crop
 
 # %% auto #0
-__all__ = ['SSD_DEFAULTS', 'INSMIX_SCHEDULE', 'INSMIX_KUMAR', 'INSMIX_CPS', 'INSMIX_TABLES', 'COMPARATOR', 'f_scale', 'f_shape',
-           'f_dis', 'ssd_satisfied', 'ssd_copy_paste', 'pasted_mask', 'background_perturbation', 'GatedConv2d',
-           'composite', 'foreground_similarity', 'SmoothGenerator', 'PatchDiscriminator', 'l1_distance',
+__all__ = ['SSD_DEFAULTS', 'INSMIX_SCHEDULE', 'INSMIX_KUMAR', 'INSMIX_CPS', 'INSMIX_CPS_FOLDS', 'INSMIX_TABLES', 'COMPARATOR',
+           'f_scale', 'f_shape', 'f_dis', 'ssd_satisfied', 'ssd_copy_paste', 'pasted_mask', 'background_perturbation',
+           'GatedConv2d', 'composite', 'foreground_similarity', 'SmoothGenerator', 'PatchDiscriminator', 'l1_distance',
            'triplet_loss_D', 'adversarial_loss_G', 'generator_loss', 'to_tensor_image', 'to_uint8_image', 'gan_batch',
            'load_generator', 'train_smooth_gan', 'smooth', 'InsMix']
 
@@ -97,13 +97,13 @@ def _ssd_paste(
     bank:InstanceBank, # templates
     rng:np.random.Generator, # randomness
     epsilon:float, rho:float, delta:float, gamma:float, # thresholds of Eq. 1
-    paste_ratio:float, random_count:bool, constrained:bool, max_tries:int, # see `ssd_copy_paste`
+    paste_ratio:float, random_count:bool, constrained:bool, max_tries:int, min_paste:float, # see `ssd_copy_paste`
 ) -> dict:
     "The SSD copy-paste step on a canvas; returns the step's record (pasted templates carry their canvas `code`)."
     inst0 = c.sample.inst_map; h, w = inst0.shape; n = c.sample.n_instances
     step = dict(op='ssd_copy_paste', constrained=constrained, n_original=n, n_requested=0, pasted=[], failed=0, refused=0,
                 thresholds=dict(epsilon=epsilon, rho=rho, delta=delta, gamma=gamma))
-    if n == 0 or len(bank) == 0: return step
+    if n == 0 or len(bank) == 0 or paste_ratio * n < min_paste: return step  # too few nuclei: nothing pasted (authors)
     k_max = max(1, int(round(paste_ratio * n)))
     k = int(rng.integers(1, k_max + 1)) if random_count else k_max
     step['n_requested'] = k
@@ -163,13 +163,14 @@ def ssd_copy_paste(
     constrained:bool=True, # apply the SSD constraints; False = plain Copy-Paste (any template, anywhere)
     max_tries:int=20, # templates / placements tried per anchor before giving up on it
     min_area:int=10, # smallest remnant an occluded nucleus may keep (placements leaving less are refused)
+    min_paste:float=2.0, # paste nothing where paste_ratio * N is below this (authors: 2, i.e. N < 4 at ratio 0.5)
 ) -> tuple[Sample, dict]:
     "Paste bank templates next to the crop's nuclei under the SSD constraints: `(new sample, record)`."
     check_typing(sample, bank, 'instance bank')
     c = Canvas(sample, min_area=min_area)
-    step = _ssd_paste(c, bank, as_rng(rng), epsilon, rho, delta, gamma, paste_ratio, random_count, constrained, max_tries)
+    step = _ssd_paste(c, bank, as_rng(rng), epsilon, rho, delta, gamma, paste_ratio, random_count, constrained, max_tries, min_paste)
     out = c.finish('ssd_copy_paste', dict(bank=len(bank), paste_ratio=paste_ratio, random_count=random_count,
-                                          max_tries=max_tries), steps=[step])
+                                          max_tries=max_tries, min_paste=min_paste), steps=[step])
     _final_ids(c, out.record['steps'][0])
     return out.sample, out.record
 
@@ -464,6 +465,7 @@ class InsMix(Augmentation):
                  paste_ratio:float=0.5, # pasted nuclei relative to the crop's nucleus count
                  random_count:bool=True, # draw the count in 1..round(paste_ratio*N)
                  max_tries:int=20, # template / placement tries per anchor
+                 min_paste:float=2.0, # paste nothing where paste_ratio * N is below this (authors: 2)
                  min_area:int=10, # smallest remnant an occluded nucleus may keep; also the bank's smallest template
                  alpha:float=0.2, # share of nucleus-free background patches shuffled
                  patch:int=20, # background patch side
@@ -474,6 +476,7 @@ class InsMix(Augmentation):
         super().__init__(min_area)
         self.paste, self.bgp, self.epsilon, self.rho, self.delta, self.gamma = paste, bgp, epsilon, rho, delta, gamma
         self.paste_ratio, self.random_count, self.max_tries, self.alpha, self.patch = paste_ratio, random_count, max_tries, alpha, patch
+        self.min_paste = min_paste
         self._bank, self._bank_key, self._generator = bank, None, generator
 
     @property
@@ -506,7 +509,7 @@ class InsMix(Augmentation):
             bank = self._bank_for(pool)
             check_typing(sample, bank, 'instance bank')
             steps.append(_ssd_paste(c, bank, rng, self.epsilon, self.rho, self.delta, self.gamma, self.paste_ratio,
-                                    self.random_count, self.paste == 'ssd', self.max_tries))
+                                    self.random_count, self.paste == 'ssd', self.max_tries, self.min_paste))
             if self._generator is not None:
                 M = np.isin(c.code, [p['code'] for p in steps[0]['pasted']])
                 c.image = smooth(self._generator, c.image, M, (c.code > 0) & ~M)
@@ -534,6 +537,7 @@ INSMIX_KUMAR = dict(  # Tables 1-3 of the paper, Kumar, in %
     paper='InsMix (Lin et al., MICCAI 2022)', table='Tables 1-3', dataset='kumar', unit='%', segmenter='TAFE',
     metrics=_KUMAR_COLS,
     rows=[_kumar('Baseline', 'HoVer-Net (Res50), Table 1', (80.52, 58.03, 59.35, 56.27, 80.60, 80.41), 'HoVer-Net'),
+          _kumar('+SSD+BgP+s-GAN', 'HoVer-Net + InsMix, Table 1', (81.02, 58.66, 59.40, 57.67, 80.33, 81.93), 'HoVer-Net'),
           _kumar('Baseline', 'TAFE, Tables 1 and 3', (82.06, 61.52, 61.51, 61.54, 80.81, 83.72)),
           _kumar('+SSD', 'Table 3', (None, 62.08, None, None, None, None)),
           _kumar('+BgP', 'Table 3', (None, 62.24, None, None, None, None)),
@@ -543,13 +547,22 @@ INSMIX_KUMAR = dict(  # Tables 1-3 of the paper, Kumar, in %
             (('MixUp', 81.21, 61.68), ('CutOut', 82.01, 62.29), ('CutMix', 82.33, 61.61), ('CowOut', 82.27, 62.87),
              ('CowMix', 81.80, 61.19))]])
 
-INSMIX_CPS = dict(  # Table 4 of the paper, CPS 5-fold cross-validation, mean and std over folds, in %
-    paper='InsMix (Lin et al., MICCAI 2022)', table='Table 4', dataset='cps', unit='%', segmenter='TAFE',
+INSMIX_CPS = dict(  # Table 4 of the paper, CPS 5-fold cross-validation with NB-Net (ResUNet-34), mean and std over folds, in %
+    paper='InsMix (Lin et al., MICCAI 2022)', table='Table 4', dataset='cps', unit='%', segmenter='NB-Net',
     metrics={'dice_all': 'Dice', 'aji_all': 'AJI'},
-    rows=[dict(row=r, label='Table 4', dice_all=[d, ds], aji_all=[a, as_]) for r, d, ds, a, as_ in (
+    rows=[dict(row=r, label='NB-Net (ResUNet-34), Table 4', dice_all=[d, ds], aji_all=[a, as_]) for r, d, ds, a, as_ in (
         ('Baseline', 69.29, 4.41, 49.45, 4.44), ('MixUp', 69.83, 3.87, 49.83, 3.82), ('CutOut', 69.79, 4.16, 50.23, 4.00),
         ('CutMix', 68.81, 3.03, 48.48, 2.43), ('CowOut', 61.91, 10.46, 39.77, 9.98), ('CowMix', 69.40, 4.30, 48.06, 4.79),
         ('+SSD+BgP+s-GAN', 70.96, 4.59, 51.54, 3.93))])
+
+INSMIX_CPS_FOLDS = {  # supplementary Table 1 of the paper: CPS per fold (folds 1-5), NB-Net, in % ('cowcut' there is CowOut)
+    'Baseline': dict(dice_all=[70.87, 70.77, 74.73, 66.96, 63.13], aji_all=[51.49, 50.1, 54.86, 47.87, 42.94]),
+    'MixUp': dict(dice_all=[70.62, 71.57, 74.96, 66.56, 65.46], aji_all=[51.02, 51.72, 54.5, 46.82, 45.1]),
+    'CutOut': dict(dice_all=[72.21, 70.89, 74.83, 65.31, 65.72], aji_all=[52.12, 49.99, 55.97, 46.56, 46.5]),
+    'CutMix': dict(dice_all=[70.68, 70.84, 71.52, 65.43, 65.58], aji_all=[50.98, 50.92, 48.08, 45.48, 46.95]),
+    'CowOut': dict(dice_all=[64.79, 64.34, 71.68, 44.01, 64.72], aji_all=[42.06, 41.77, 49.86, 23.00, 42.17]),
+    'CowMix': dict(dice_all=[67.13, 72.76, 75.21, 65.7, 66.22], aji_all=[42.76, 51.66, 54.39, 45.51, 45.99]),
+    '+SSD+BgP+s-GAN': dict(dice_all=[72.52, 73.43, 76.43, 66.85, 65.58], aji_all=[51.89, 52.96, 57.11, 48.78, 46.95])}
 
 INSMIX_TABLES = {'kumar': INSMIX_KUMAR, 'cps': INSMIX_CPS} # the paper's tables by dataset
 COMPARATOR = 'HoVer-Net' # the segmenter nucbook trains: the only comparable rows are the paper's HoVer-Net rows
