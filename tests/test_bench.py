@@ -247,6 +247,8 @@ def test_run_label_kumar_paper_profile_is_a_reproduction_and_smoke_is_not():
     assert reproduction_gaps({**KUMAR_PAPER, 'split': {'method': 'manifest', 'limit': 3}}, 'kumar') == ['at most 3 images per split']
     assert reproduction_gaps({**KUMAR_PAPER, 'split': {'method': 'seeded'}}, 'kumar') == ["a seeded split, not the paper's"]
     assert reproduction_gaps({**KUMAR_PAPER, 'encoder_weights': None}, 'kumar') == ['encoder from scratch, not ImageNet weights']
+    assert reproduction_gaps({**KUMAR_PAPER, 'std_aug': 'light'}, 'kumar') == ["'light' standard augmentation, not 'hovernet'"]
+    assert reproduction_gaps({**KUMAR_PAPER, 'std_aug': 'hovernet'}, 'kumar') == []
     assert reproduction_gaps(KUMAR_PAPER) == ["the paper's dataset not given"]
     assert run_label({**KUMAR_PAPER, 'dataset_resolved': 'cps', 'split': {'method': 'folds', 'fold': 3}}, 'cps').startswith('cps fold 3,')
 

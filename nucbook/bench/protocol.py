@@ -379,14 +379,14 @@ def run_record(
                 nucbook_version=nucbook.__version__, **extra)
 
 # %% ../../nbs/09b_bench.ipynb #3da14d23
-PAPER_SETTING = dict(profile='paper', model_size='paper', epochs=PROTOCOL_SCHEDULE['epochs']) # what a run reproducing a paper table ran
+PAPER_SETTING = dict(profile='paper', model_size='paper', epochs=PROTOCOL_SCHEDULE['epochs'], std_aug='hovernet') # what a run reproducing a paper table ran (std_aug: `TrainConfig.augment`)
 
 def reproduction_gaps(
     record:dict, # what `run_record` returned (or a `metrics.json` holding it)
     paper_dataset:str|list|None=None, # the dataset(s) the paper reports on (default: the record's `paper_dataset`)
 ) -> list[str]:
     """Every way the run departs from the paper setting (`PAPER_SETTING` on the paper's dataset, with its split and,
-    where recorded, an ImageNet-initialised encoder); empty for a reproduction run."""
+    where recorded, an ImageNet-initialised encoder and the full standard augmentation); empty for a reproduction run."""
     if not isinstance(record, dict): raise TypeError(f'reproduction_gaps: expected the dict of run_record, got {type(record).__name__}')
     paper_dataset = record.get('paper_dataset') if paper_dataset is None else paper_dataset
     papers = [] if paper_dataset is None else [paper_dataset] if isinstance(paper_dataset, str) else [str(d) for d in paper_dataset]
@@ -402,6 +402,8 @@ def reproduction_gaps(
     if ep is not None and ep != PAPER_SETTING['epochs']: out.append(f"{ep} epoch{'' if ep == 1 else 's'}, not {PAPER_SETTING['epochs']}")
     if 'encoder_weights' in record and not record['encoder_weights'] and size == PAPER_SETTING['model_size']:
         out.append('encoder from scratch, not ImageNet weights')
+    if 'std_aug' in record and record['std_aug'] != PAPER_SETTING['std_aug']:
+        out.append(f"{record['std_aug']!r} standard augmentation, not {PAPER_SETTING['std_aug']!r}")
     return out
 
 def run_label(

@@ -27,9 +27,9 @@ from ..data.crops import random_crop
 # %% auto #0
 __all__ = ['SSD_DEFAULTS', 'INSMIX_SCHEDULE', 'INSMIX_KUMAR', 'INSMIX_CPS', 'INSMIX_CPS_FOLDS', 'INSMIX_TABLES', 'COMPARATOR',
            'f_scale', 'f_shape', 'f_dis', 'ssd_satisfied', 'ssd_copy_paste', 'pasted_mask', 'background_perturbation',
-           'GatedConv2d', 'composite', 'foreground_similarity', 'SmoothGenerator', 'PatchDiscriminator', 'l1_distance',
-           'triplet_loss_D', 'adversarial_loss_G', 'generator_loss', 'to_tensor_image', 'to_uint8_image', 'gan_batch',
-           'load_generator', 'train_smooth_gan', 'smooth', 'InsMix']
+           'GatedConv2d', 'composite', 'foreground_similarity', 'init_gated', 'SmoothGenerator', 'PatchDiscriminator',
+           'l1_distance', 'triplet_loss_D', 'adversarial_loss_G', 'generator_loss', 'to_tensor_image', 'to_uint8_image',
+           'gan_batch', 'load_generator', 'train_smooth_gan', 'smooth', 'InsMix']
 
 # %% ../../nbs/11_insmix.ipynb #9bd11ab0
 SSD_DEFAULTS = dict(epsilon=2.0, rho=0.8, delta=0.0, gamma=40 * 2 ** 0.5)  # the authors' code (see above)
@@ -264,6 +264,12 @@ def foreground_similarity(
     return (out, atts) if return_attention else out
 
 # %% ../../nbs/11_insmix.ipynb #573f66de
+def init_gated(m:nn.Module, gain:float=2.0):
+    "He-normal weights (fan-in, linear gain) times `gain`, zero bias, for every convolution: keeps the signal alive through the gated stack."
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, nonlinearity='linear'); m.weight.data.mul_(gain)
+        if m.bias is not None: nn.init.zeros_(m.bias)
+
 class SmoothGenerator(nn.Module):
     "Smooth-GAN generator: gated/dilated conv auto-encoder with a foreground similarity encoder (FSE)."
     def __init__(self,
@@ -281,6 +287,7 @@ class SmoothGenerator(nn.Module):
         self.decoder = nn.Sequential(gc_(8 * c, 4 * c), gc_(4 * c, 4 * c), nn.Upsample(scale_factor=2, mode='nearest'),
                                      gc_(4 * c, 2 * c), gc_(2 * c, 2 * c), nn.Upsample(scale_factor=2, mode='nearest'),
                                      gc_(2 * c, c), gc_(c, c // 2), nn.Conv2d(c // 2, 3, 3, padding=1))
+        self.apply(init_gated)
 
     def forward(self,
                 u:torch.Tensor, # copy-paste result in [-1, 1], (B, 3, H, W), H and W multiples of 4
