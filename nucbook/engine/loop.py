@@ -283,9 +283,11 @@ class ProgressLines:
               step:int, # steps done
               how:str='done', # 'done', 'stopped' or 'interrupted'
              ) -> str|None:
-        "Write and return the last line; none when this call ran no step and wrote no line (a finished run reloaded)."
+        """Write and return the last line; none when this call ran no step and wrote no line (a finished run reloaded),
+        or when a loop finished within its first `every` seconds without a line (the quick loops of a notebook's demo cells)."""
         if step <= self.start and not self.n_lines: return None
         now = self.clock()
+        if how == 'done' and not self.n_lines and now - self.t0 < self.every: return None
         return self._write(f'[{self.desc}] ' + ', '.join([f'{how} at step {step}/{self.steps}', *self._parts(step, now)]), now)
 
     def _write(self, line:str, now:float) -> str:

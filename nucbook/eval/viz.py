@@ -294,9 +294,13 @@ def dataset_summary(
     samples:list[Sample], # samples of one dataset
     class_names:dict|None=None, # type id -> name
 ) -> dict:
-    "Images, nuclei, nuclei per image, per-type counts and shares, and area quartiles."
+    "Images, nuclei, nuclei per image, per-type counts and shares (every class of `class_names`, 0 where absent), and area quartiles."
     df = nucleus_table(samples, class_names)
-    per_type = df.groupby('type_name').size().to_dict() if class_names else {}
+    per_type = {}
+    if class_names:
+        got = df.groupby('type_name').size().to_dict()
+        per_type = {str(v): int(got.get(str(v), 0)) for k, v in sorted(class_names.items(), key=lambda kv: int(kv[0])) if int(k) != 0}
+        per_type.update({k: int(v) for k, v in got.items() if k not in per_type})  # names outside the class map stay visible
     n = len(df)
     return {'images': len(samples), 'nuclei': n, 'nuclei_per_image': n / max(len(samples), 1),
             'per_type': {k: int(v) for k, v in per_type.items()},
