@@ -608,3 +608,27 @@ def test_occlusion_invariant_on_real_crops(data_root, data, seed):
         assert (a.sample.inst_map[y0:y0 + h, x0:x0 + w][shows] > 0).all()
     for r in a.record['instances']:
         if r['cut']: assert r['area'] >= a.record['min_area'] and largest_piece(a.sample.inst_map == r['id']) == r['area']
+
+
+def test_insmix_online_with_the_hovernet_standard_augmentation():
+    "The paper profile's path: InsMix on the context crop, then HoVer-Net's warp to the crop size; labels stay valid, no fill."
+    from nucbook.augment.canvas import InstanceBank
+    from nucbook.augment.mix import as_transform
+    from nucbook.data.sample import check_sample
+    from nucbook.data.synth import synth_dataset
+    from nucbook.engine.train import CropDataset, TrainConfig
+    from nucbook.methods.insmix import InsMix, SmoothGenerator
+    train = synth_dataset(3, 'train', seed=0, size=256)
+    seen = []
+    insmix = as_transform(InsMix(InstanceBank.from_samples(train), generator=SmoothGenerator(cnum=8).eval()), pool=train, p=1.0)
+    def spy(s, rng):
+        out = insmix(s, rng); seen.append((s.shape, out.n_instances - s.n_instances)); return out
+    ds = CropDataset(train, TrainConfig(crop_size=128, augment='hovernet'), [spy], typed=True)
+    assert ds.side > 128
+    for i in range(3):
+        s = ds.sample(0, i)
+        check_sample(s)
+        assert s.shape == (128, 128) and s.meta['standard_augment']['profile'] == 'hovernet'
+        assert s.meta['standard_augment']['fill_fraction'] == 0.0
+    assert [sh for sh, _ in seen] == [(ds.side, ds.side)] * 3
+    assert any(n > 0 for _, n in seen)  # InsMix pasted nuclei into the context crops
