@@ -226,7 +226,8 @@ def run_notebook(
     try:
         with _Tail(progress_log, log):  # the loops' lines, as they come
             pm.execute_notebook(str(path), str(out_nb), parameters=given, kernel_name='python3', progress_bar=progress,
-                                cwd=str(path.parent), execution_timeout=timeout, log_output=False)
+                                cwd=str(path.parent), execution_timeout=timeout, log_output=False,
+                                extra_arguments=['--IPKernelApp.log_level=ERROR'])  # the kernel's start-up warnings are not the run's
     except pm.PapermillExecutionError as e:
         idx, line = _notebook_cell(path, e.cell_index, bool(given)), _first_line(e.source or '')
         where = (f'cell {idx} (counting all cells from 0): `{line}`' if idx is not None
