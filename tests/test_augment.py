@@ -13,19 +13,9 @@ from nucbook.augment.canvas import Augmented, check_record, largest_piece, unlab
 from nucbook.augment.mix import (MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix, AUGMENTATIONS,
                              as_transform, augment_set, load_augmented, blend, erase, mask_mix, get_augmentation, median_at)
 from nucbook.data.sample import Sample, LabelError, check_sample, make_sample, types_from_type_map
+from datahelpers import random_sample
 
 SETTINGS = dict(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-def random_sample(seed, shape=(48, 48), typed=True, n_max=14, rare_share=0.3):
-    "Random ellipses painted in order (later ones occlude), random image, random types (type 1 = rare)."
-    rng = np.random.default_rng(seed); h, w = shape
-    inst = np.zeros(shape, np.int32); n = int(rng.integers(0, n_max + 1))
-    for i in range(1, n + 1):
-        cv2.ellipse(inst, (int(rng.integers(0, w)), int(rng.integers(0, h))), (int(rng.integers(2, 9)), int(rng.integers(2, 9))),
-                    float(rng.uniform(0, 180)), 0, 360, i, -1)
-    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    types = {i: int(1 if rng.random() < rare_share else rng.integers(2, 5)) for i in range(1, n + 1)} if typed else None
-    return make_sample(img, inst, inst_types=types, meta={'image_id': f'r{seed}'})
 
 def make_aug(name):
     "Every method, with settings that make it act on small random tiles."

@@ -10,22 +10,12 @@ from hypothesis import given, settings, HealthCheck, strategies as st
 from scipy import ndimage as ndi
 from nucbook.augment.standard import StandardAugment, PROFILES, relabel_warped
 from nucbook.data.sample import LabelError, make_sample
+from datahelpers import random_sample
 
 SETTINGS = dict(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 D4 = [(k, f) for k in range(4) for f in (False, True)]
 
 def d4(a, k, f): return np.rot90(a[:, ::-1] if f else a, k)
-
-def random_sample(seed, shape=(48, 48), typed=True, n_max=14):
-    "Random ellipses painted in order (later ones occlude, so many touch), random image, random types."
-    rng = np.random.default_rng(seed); h, w = shape
-    inst = np.zeros(shape, np.int32); n = int(rng.integers(0, n_max + 1))
-    for i in range(1, n + 1):
-        cv2.ellipse(inst, (int(rng.integers(0, w)), int(rng.integers(0, h))), (int(rng.integers(2, 9)), int(rng.integers(2, 9))),
-                    float(rng.uniform(0, 180)), 0, 360, i, -1)
-    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    types = {i: int(rng.integers(1, 5)) for i in range(1, n + 1)} if typed else None
-    return make_sample(img, inst, inst_types=types, meta={'image_id': f'r{seed}'})
 
 def painted(s, seed=0):
     "`s` with each nucleus painted in its own colour (never 0: the fill stays recognisable), background grey 7."
