@@ -1,1 +1,3 @@
 "Layer 3: network architectures (HoVer-Net, diffusion UNets)."
+from .adm import *
+from .ctranspath import *
