@@ -23,12 +23,13 @@ __all__ = ['DATA_ENV', 'MANIFEST_ENV', 'CACHE_ENV', 'IMAGE_EXTS', 'LABEL_EXTS', 
            'LABEL_CACHE_VERSION', 'MAX_OUTSIDE', 'TCGA_ORGANS', 'KUMAR_TRAIN_ORGANS', 'MONUSEG_XY_OFFSET',
            'OWN_LABEL_EXTS', 'OWN_CONFIG', 'OWN_CONFIG_KEYS', 'LOADERS', 'data_root', 'manifest_dir', 'manifest_schema',
            'list_datasets', 'validate_manifest', 'load_manifest', 'class_map', 'class_merge', 'rare_types',
-           'apply_merge', 'read_image', 'read_label_map', 'compact_ids', 'read_hovernet_mat', 'parse_aperio_xml',
-           'polygon_area', 'rasterise_polygons', 'label_cache_dir', 'cached_labels', 'xml_labels', 'rle_indices',
-           'rle_decode', 'rle_encode', 'tcga_organ', 'load_kumar', 'load_monuseg2018', 'load_hovernet_layout',
-           'load_monusac', 'load_tnbc', 'load_cps', 'dsb_mask_labels', 'load_dsb2018', 'split_binary_mask',
-           'load_generic', 'own_split_dirs', 'resolve_dataset', 'own_folder_config', 'seeded_split', 'load_own_folder',
-           'split_summary', 'mpp_summary', 'save_own_folder', 'dataset_dir', 'load_dataset']
+           'apply_merge', 'read_image', 'read_label_map', 'compact_ids', 'read_mat', 'read_hovernet_mat',
+           'parse_aperio_xml', 'polygon_area', 'rasterise_polygons', 'label_cache_dir', 'cached_labels', 'xml_labels',
+           'rle_indices', 'rle_decode', 'rle_encode', 'tcga_organ', 'load_kumar', 'load_monuseg2018',
+           'load_hovernet_layout', 'load_monusac', 'load_tnbc', 'load_cps', 'dsb_mask_labels', 'load_dsb2018',
+           'split_binary_mask', 'load_generic', 'own_split_dirs', 'resolve_dataset', 'own_folder_config',
+           'seeded_split', 'load_own_folder', 'split_summary', 'mpp_summary', 'save_own_folder', 'dataset_dir',
+           'load_dataset']
 
 # %% ../../nbs/03_data.ipynb #8903b58b
 DATA_ENV = 'NUCBOOK_DATA'
@@ -273,17 +274,25 @@ def _check_type_map(inst, type_map, types, path, tolerance):
     if len(bad) > tolerance * len(ids): raise LabelError(f'{msg}; more than the tolerance of {tolerance:.0%}')
     warnings.warn(f'{msg}; within the tolerance of {tolerance:.0%}: inst_type used', stacklevel=3)
 
+def read_mat(
+    path:str|Path, # a MATLAB .mat file
+    what:str='label file', # what the file is, for the error messages
+) -> dict:
+    "The variables of a `.mat` file; `FileNotFoundError` or `LabelError` naming the file when it is missing or unreadable."
+    import scipy.io as sio
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f'{path}: {what} not found')
+    try: return sio.loadmat(path)
+    except Exception as e: raise LabelError(f'{path}: cannot read .mat file: {e}') from None
+
 def read_hovernet_mat(
     path:str|Path, # HoVer-Net-style .mat file
     shape:tuple|None=None, # expected (H, W)
     type_tolerance:float=TYPE_MAP_TOLERANCE, # share of instances whose type_map may disagree with inst_type (warning)
 ) -> dict:
     "`{'inst_map', 'inst_types' ({original id: type} or None), 'type_map' (or None)}` from a HoVer-Net `.mat`."
-    import scipy.io as sio
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'{path}: label file not found')
-    try: m = sio.loadmat(path)
-    except Exception as e: raise LabelError(f'{path}: cannot read .mat file: {e}') from None
+    m = read_mat(path)
     if 'inst_map' not in m: raise LabelError(f'{path}: no inst_map in .mat (keys: {sorted(k for k in m if not k.startswith("__"))})')
     inst = check_inst_map(_integral(m['inst_map'], 'inst_map', path), shape, path)
     type_map = None

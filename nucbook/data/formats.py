@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from ..core import atomic_write
 from .sample import Sample, LabelError, make_sample, check_inst_map, instance_centroids, type_map_from_types, source_name
-from .datasets import LOADERS, compact_ids, read_image, seeded_split
+from .datasets import LOADERS, compact_ids, read_image, read_mat, seeded_split
 
 # %% auto #0
 __all__ = ['PANNUKE_CHANNELS', 'CONIC_CLASSES', 'CONIC_COUNT_CROP', 'LIZARD_IMAGE_DIRS', 'LIZARD_LABEL_DIRS', 'pannuke_instances',
@@ -333,11 +333,8 @@ def read_lizard_mat(
     n_classes:int=len(CONIC_CLASSES), # classes are 1..n_classes
 ) -> dict:
     "`{'inst_map', 'inst_types' ({id: class}), 'centroid', 'bbox', 'stats'}` of a Lizard `.mat` (checks above)."
-    import scipy.io as sio
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'{path}: Lizard label file not found')
-    try: m = sio.loadmat(path)
-    except Exception as e: raise LabelError(f'{path}: cannot read .mat file: {e}') from None
+    m = read_mat(path, 'Lizard label file')
     miss = [k for k in ('inst_map', 'id', 'class') if k not in m]
     if miss: raise LabelError(f'{path}: no {", ".join(miss)} in .mat (keys: {sorted(k for k in m if not k.startswith("__"))})')
     inst = check_inst_map(_ids(m['inst_map'], 'inst_map', path), shape, path)
