@@ -1,7 +1,9 @@
 """Diffusion speed and the FID-vs-steps curve.
 
 Prints training iterations/s and DDIM sampling seconds per patch at 10/25/50/100 steps for the `tiny` models on CPU,
-and for the `paper` (256x256) models on a GPU when one is available (with peak GPU memory); then the FID of DDIM
+and for the `paper` (256x256) models on a GPU when one is available (with peak GPU memory), for diffusers' UNet2DModel,
+the semantic UNet and guided-diffusion's ADM UNet (NucleiMix's network: hybrid loss, learned variance; `tiny` preset at
+its 32 px on CPU, the 256x256 uncond preset on a GPU), with MCG inpainting at 25 steps (DDIM and ancestral samplers); then the FID of DDIM
 samples against held-out real patches at each step count on one model, and whether a setting of at most 25 steps is
 within 5% of the 100-step FID (the goal beyond the papers, which sample 100 or 250 steps).
 
@@ -15,7 +17,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import numpy as np
 import torch
 from nucbook.engine.diffusion import (ddim_sample, diffusion_loss, load_diffusion, make_noise_scheduler, make_semantic_unet,
-                               make_unet, patch_fid_kid, patch_batch, train_diffusion)
+                               make_unet, model_side, patch_fid_kid, patch_batch, train_diffusion)
+from nucbook.models.adm import ADMUNet, adm_config
 from nucbook.engine.inpaint import mcg_inpaint
 from nucbook.data.synth import synth_dataset
 
@@ -27,7 +30,8 @@ def train_speed(model, device, batch, size, n_iter, amp):
     sched = make_noise_scheduler(); sched.alphas_cumprod = sched.alphas_cumprod.to(device)
     model = model.to(device).train(); opt = torch.optim.AdamW(model.parameters(), 1e-4)
     x0 = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    lab = torch.zeros(batch, model.config.label_channels, size, size, device=device) if hasattr(model.config, 'label_channels') else None
+    n_lab = getattr(getattr(model, 'config', None), 'label_channels', None)
+    lab = torch.zeros(batch, n_lab, size, size, device=device) if n_lab else None
     t = torch.randint(1000, (batch,), device=device); eps = torch.randn_like(x0)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats()
     for i in range(n_iter + 2):
@@ -58,28 +62,32 @@ def sample_speed(model, n, steps, size, label=False):
 def speed_table(device, size_name, size, batch, n_sample, n_iter):
     amp = device.type == 'cuda'
     print(f'\n== {size_name} models, {size}x{size}, {device.type}' + (f' ({torch.cuda.get_device_name()})' if amp else ''))
+    adm_preset = 'tiny' if size_name == 'tiny' else '256_uncond'
     for name, make in (('unconditional UNet2DModel', lambda: make_unet(size_name, sample_size=size)),
-                       ('semantic (SPADE) UNet', lambda: make_semantic_unet(size_name, n_classes=4, sample_size=size))):
+                       ('semantic (SPADE) UNet', lambda: make_semantic_unet(size_name, n_classes=4, sample_size=size)),
+                       (f'ADM UNet ({adm_preset})', lambda: ADMUNet(**adm_config(adm_preset)))):
         torch.manual_seed(0); m = make()
+        px = model_side(m) if 'ADM' in name else size  # the tiny ADM at its own 32 px (attention at 64 px is slow on CPU)
         n_par = sum(p.numel() for p in m.parameters()) / 1e6
-        it_s, mem = train_speed(m, device, batch, size, n_iter, amp)
-        print(f'{name:>26}: {n_par:6.2f} M params, training {it_s:6.2f} it/s at batch {batch}' + (f', peak {mem:.1f} GiB' if amp else ''))
+        it_s, mem = train_speed(m, device, batch, px, n_iter, amp)
+        print(f'{name:>26}: {n_par:6.2f} M params, {px} px, training {it_s:6.2f} it/s at batch {batch}' + (f', peak {mem:.1f} GiB' if amp else ''))
         label = 'semantic' in name
         for k in STEPS:
-            sec, mem = sample_speed(m, n_sample, k, size, label)
+            sec, mem = sample_speed(m, n_sample, k, px, label)
             print(f'{"":>26}  DDIM {k:3d} steps{" + CFG" if label else ""}: {sec:7.3f} s/patch (batch {n_sample})' + (f', peak {mem:.1f} GiB' if amp else ''))
         if not label:
-            y = torch.rand(n_sample, 3, size, size, device=device) * 2 - 1
-            mask = torch.zeros(n_sample, 1, size, size, dtype=torch.bool); mask[..., size // 4: size // 2, size // 4: size // 2] = True
-            t0 = time.perf_counter(); mcg_inpaint(m, make_noise_scheduler(), y, mask.to(device), steps=25, batch_size=n_sample)
-            if amp: torch.cuda.synchronize()
-            print(f'{"":>26}  MCG inpainting 25 steps: {(time.perf_counter() - t0) / n_sample:7.3f} s/patch')
+            y = torch.rand(n_sample, 3, px, px, device=device) * 2 - 1
+            mask = torch.zeros(n_sample, 1, px, px, dtype=torch.bool); mask[..., px // 4: px // 2, px // 4: px // 2] = True
+            for sampler in ('ddim', 'ddpm'):
+                t0 = time.perf_counter(); mcg_inpaint(m, make_noise_scheduler(), y, mask.to(device), steps=25, batch_size=n_sample, sampler=sampler)
+                if amp: torch.cuda.synchronize()
+                print(f'{"":>26}  MCG inpainting 25 {sampler} steps: {(time.perf_counter() - t0) / n_sample:7.3f} s/patch')
         del m
         if amp: torch.cuda.empty_cache()
 
 
 def fid_curve(model, sched, n_fid, seed=0):
-    size = model.config.sample_size
+    size = model_side(model)
     real, _ = patch_batch(synth_dataset(16, 'val', seed=seed), n_fid, size, 12345)
     print(f'\n== FID vs sampling steps ({n_fid} samples vs {n_fid} held-out real {size}x{size} patches, eta=0, same seeds)')
     other, _ = patch_batch(synth_dataset(16, 'val', seed=seed), n_fid, size, 54321)

@@ -324,6 +324,71 @@ def build_mcg(ctx:Ctx) -> Job:
     return Job(step, n, n, px, 'fp32', {'unet': model}, probe, note=f'{steps} steps per call; patches/s')
 
 
+ADM_PRESETS = ('256_uncond', 'tiny')  # ADM preset of the GPU run, of the smoke run
+
+
+def _adm_setup(ctx:Ctx):
+    """guided-diffusion's ADM UNet: preset '256_uncond' (NucleiMix's network, 552,814,086 parameters) on the GPU, 'tiny'
+    in the smoke run. Built on the device directly (no 2 GB CPU init), then every zero-initialised conv (each ResBlock's
+    last conv, attention projections, the output conv) gets a default init: a fresh ADM outputs zeros, which would make
+    the equality probes pass vacuously."""
+    ADMUNet, adm_config = need('ADMUNet', 'nucbook.models.adm'), need('adm_config', 'nucbook.models.adm')
+    torch.manual_seed(0)
+    with torch.device(ctx.device): model = ADMUNet(**adm_config(ctx.pick(*ADM_PRESETS)))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) and not m.weight.any(): m.reset_parameters()
+    return model
+
+
+def build_adm(ctx:Ctx) -> Job:
+    "ADM UNet, one `train_diffusion` step: hybrid loss (L_simple + L_vlb, learned variance) under bf16 autocast, AdamW, clip, EMA."
+    diffusion_loss, make_noise_scheduler = need('diffusion_loss', 'nucbook.engine.diffusion'), need('make_noise_scheduler', 'nucbook.engine.diffusion')
+    from diffusers.training_utils import EMAModel
+    bs, px, ppx = ctx.pick(8, 1), ctx.pick(256, 64), ctx.pick(64, 32)  # small probes: the CPU reference stays short
+    model = _adm_setup(ctx)
+    n_par = sum(p.numel() for p in model.parameters())
+    sched = make_noise_scheduler(); sched.alphas_cumprod = sched.alphas_cumprod.to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    ema = EMAModel(model.parameters(), decay=0.9999)
+    g = ctx.gen(3)
+    y0 = (torch.rand(bs, 3, px, px, generator=g) * 2 - 1).to(ctx.device)
+    t = torch.randint(sched.config.num_train_timesteps, (bs,), generator=g); t[0] = 0  # the decoder-NLL branch too
+    t = t.to(ctx.device)
+    eps = torch.randn(bs, 3, px, px, generator=g).to(ctx.device)
+
+    def step():
+        model.train()
+        with ctx.autocast(): loss = diffusion_loss(model, sched, y0, t, eps)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); ema.step(model.parameters())
+
+    def probe(models, device, bf16):
+        gp = ctx.gen(4)
+        yp = torch.randn(1, 3, ppx, ppx, generator=gp).to(device); tp = torch.tensor([500], device=device)
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            return models['adm'](yp, tp).float().flatten()  # eps and the variance values
+    return Job(step, bs, bs, px, ctx.pick('bf16', 'fp32'), {'adm': model}, probe,
+               note=f'{n_par:,} params, hybrid loss, AdamW + EMA; probes at {ppx} px')
+
+
+def build_adm_mcg(ctx:Ctx) -> Job:
+    "`mcg_inpaint` with the ADM: NucleiMix's ancestral sampler (learned variance) + MCG, a few steps, batch 4 (fp32)."
+    mcg_inpaint = need('mcg_inpaint', 'nucbook.engine.inpaint')
+    make_noise_scheduler = need('make_noise_scheduler', 'nucbook.engine.diffusion')
+    model = _adm_setup(ctx).eval(); sched = make_noise_scheduler()
+    n, px, steps, ppx = ctx.pick(4, 1), ctx.pick(256, 64), ctx.pick(5, 2), ctx.pick(64, 32)
+    y, mask = (t.to(ctx.device) for t in _inpaint_inputs(n, px, ctx.gen(10)))
+    step = lambda: mcg_inpaint(model, sched, y, mask, steps=steps, seed=0, batch_size=n, sampler='ddpm')
+
+    def probe(models, device, bf16):
+        yp, mp = _inpaint_inputs(1, ppx, ctx.gen(11))
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            return mcg_inpaint(models['adm'], sched, yp.to(device), mp.to(device), steps=2, seed=1, sampler='ddpm').float().flatten()
+    return Job(step, n, n, px, 'fp32', {'adm': model}, probe,
+               note=f"{steps} ddpm steps per call (of NucleiMix's 250); patches/s; probes at {ppx} px")
+
+
 # Append an Entry here to add a model to `make gpu-check`.
 REGISTRY = [
     Entry('hovernet', build_hovernet),
@@ -333,6 +398,8 @@ REGISTRY = [
     Entry('ddim-sample', build_ddim, steps=5, warmup=1),
     Entry('repaint', build_repaint, steps=3, warmup=1),
     Entry('mcg-inpaint', build_mcg, steps=3, warmup=1),
+    Entry('adm-256', build_adm, steps=10, warmup=2),
+    Entry('adm-mcg', build_adm_mcg, steps=3, warmup=1),
 ]
 
 

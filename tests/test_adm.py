@@ -148,3 +148,11 @@ def test_load_errors_name_file_and_keys(tmp_path):
     torch.save([1, 2], tmp_path/'list.pt')
     with pytest.raises(ValueError, match='list.pt does not hold a state dict'): load_adm(tmp_path/'list.pt', 'tiny')
     with pytest.raises(ValueError, match='unknown ADM preset'): load_adm(p, 'huge')
+
+
+def test_args_rebuild_the_same_network():
+    m = _random_tiny(channel_mult=[1, 2, 2])
+    assert m.args == adm_config('tiny', channel_mult=(1, 2, 2))  # tuples, as adm_config gives them
+    twin = ADMUNet(**m.args).eval(); twin.load_state_dict(m.state_dict())
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(): assert torch.equal(twin(x, torch.tensor([9])), m(x, torch.tensor([9])))

@@ -335,3 +335,116 @@ def test_occlusion_invariant_on_real_crops(data_root, name, data, seed):
     assert shown > 0 and errors == 0, (errors, shown)
     assert rule_violations(inp, out, pool) == [] and unaccounted_nuclei(inp, out.record) == []
     check_record(out.record)
+
+# ---------------------------------------------------------------- a budget of rare nuclei (insert_rare)
+
+from nucbook.augment.canvas import Canvas
+from nucbook.augment.mix import Augmentation, insert_rare, rare_change
+
+def test_rare_change_counts_from_the_record():
+    a, b = hand_pair()  # a: nuclei of types 2, 3; b: types 1 (rare), 4
+    box = np.zeros((8, 8), bool); box[3:8, 0:6] = True  # b's rare nucleus comes in, a's type-3 nucleus is cut but kept
+    r = mask_mix(a, b, box, min_area=1)
+    assert rare_change(a, r, 1) == {'added': 1, 'lost': 0, 'new_ids': [3], 'kept': {1: 1, 2: 2}}
+    assert rare_change(a, r, (1, 3))['added'] == 1 and rare_change(a, r, 3)['added'] == 0
+    box = np.zeros((8, 8), bool); box[4:8, 4:8] = True  # a's type-3 nucleus goes under the box; nothing rare comes in
+    r = mask_mix(a, b, box, min_area=1)
+    assert {k: rare_change(a, r, 3)[k] for k in ('added', 'lost')} == {'added': 0, 'lost': 1}
+    with pytest.raises(ValueError, match='positive type id'): rare_change(a, r, 0)
+
+class Stamp(Augmentation):
+    "Pastes `per_call` 3x3 rare squares (type 1) into the free slots of a 12x12 image: two slots per image."
+    name = 'stamp'
+    def __init__(self, per_call=1): super().__init__(min_area=1); self.per_call = per_call
+    def apply(self, sample, area, rng, pool):
+        c = Canvas(sample, area, 1); src = c.add_source(None, 'stamp', image_id='stamp'); n = 0
+        for y, x in ((4, 4), (8, 8)):
+            if n < self.per_call and not sample.inst_map[y:y + 3, x:x + 3].any():
+                n += c.paste(np.ones((3, 3), bool), y, x, src, 1, type=1, pixels=np.zeros((3, 3, 3), np.uint8)) is not None
+        return c.finish(self.name, self.config())
+
+def stamp_set(n=3):
+    out = []
+    for i in range(n):
+        inst = np.zeros((12, 12), np.int32); inst[0:2, 0:2] = 1; types = {1: 2}
+        if i == 0: inst[0:2, 9:11] = 2; types[2] = 1
+        out.append(make_sample(np.full((12, 12, 3), 200, np.uint8), inst, inst_types=types, meta={'image_id': f's{i}'}))
+    return out
+
+def n_rare(samples, rare=(1,)): return sum(int(np.isin(s.inst_types, rare).sum()) for s in samples)
+
+def test_insert_rare_hand_built_known_count():
+    S = stamp_set()
+    out, rep = insert_rare(Stamp(), S, 5, rare=1, seed=3)
+    assert (rep['inserted'], rep['applications'], rep['passes'], rep['lost'], rep['exhausted'], rep['stopped']) == (5, 5, 2, 0, False, 'k reached')
+    assert rep['per_pass'] == [3, 2] and n_rare(out) == 1 + 5 and n_rare(S) == 1
+    order = np.random.default_rng([3, 0]).permutation(3).tolist()
+    assert [r['index'] for r in rep['log']] == order + np.random.default_rng([3, 1]).permutation(3).tolist()[:2]
+    assert sorted(rep['inserted_ids']) == sorted([i, j] for i, s in enumerate(out) for j in range(1, s.n_instances + 1)
+                                                  if s.inst_types[j - 1] == 1 and not (i == 0 and j == 2))
+    assert [len(s.meta.get('augment', [])) for s in out] == [sum(r['index'] == i for r in rep['log']) for i in range(3)]
+    # 2 per call and 3 wanted: the second call would overshoot and is refused (Stamp cannot be bounded)
+    _, rep = insert_rare(Stamp(per_call=2), S, 3, rare=1, seed=0)
+    assert rep['inserted'] == 2 and rep['refused']['overshoot'] >= 2 and rep['exhausted']
+
+def test_insert_rare_exhausted_terminates():
+    _, rep = insert_rare(Stamp(), stamp_set(), 100, rare=1, seed=0, max_passes=50)
+    assert (rep['inserted'], rep['passes'], rep['exhausted'], rep['per_pass']) == (6, 3, True, [3, 3, 0])
+    no_rare = [random_sample(s, (48, 48), rare_share=0.0) for s in range(4)]
+    for aug in (CutMix(min_area=4), CopyPaste(types=(1,), min_area=4), GradMix(margin=4, area_ratio=1.0, min_area=4)):
+        out, rep = insert_rare(aug, no_rare, 10, rare=1, seed=0)
+        assert (rep['inserted'], rep['applications'], rep['passes'], rep['exhausted']) == (0, 0, 1, True)
+        assert all(o is s for o, s in zip(out, no_rare))
+
+def comparator_set():
+    return [random_sample(s, (64, 64), n_max=20, rare_share=0.3) for s in range(6)]
+
+@pytest.mark.parametrize('aug', [CutMix(min_area=4), CopyPaste(types=(1,), min_area=4), GradMix(margin=4, area_ratio=1.0, min_area=4)],
+                         ids=['cutmix', 'copypaste', 'gradmix'])
+def test_insert_rare_comparators(aug):
+    S = comparator_set()
+    out, rep = insert_rare(aug, S, 7, rare=1, seed=5)
+    assert rep['inserted'] == 7 and rep['stopped'] == 'k reached' and len(out) == len(S)
+    assert [s.meta['image_id'] for s in out] == [s.meta['image_id'] for s in S]  # same order
+    for s in out:
+        check_sample(s); s.validate()
+        assert np.array_equal(types_from_type_map(s.inst_map, s.type_map), s.inst_types)
+    assert n_rare(out) == n_rare(S) + rep['inserted'] - rep['lost']
+    assert all(out[i].inst_types[j - 1] == 1 for i, j in rep['inserted_ids'])
+    assert sum(r['added'] for r in rep['log']) == 7 and rep['applications'] == len(rep['log'])
+    out2, rep2 = insert_rare(aug, S, 7, rare=1, seed=5)  # reproducible from the seed
+    assert rep2 == rep and all(np.array_equal(a.image, b.image) and np.array_equal(a.inst_map, b.inst_map) for a, b in zip(out, out2))
+    _, rep3 = insert_rare(aug, S, 7, rare=1, seed=6)
+    assert rep3['log'] != rep['log']
+    json.dumps(rep)
+
+def test_insert_rare_capped_methods_and_bad_input():
+    assert CopyPaste(n_paste=(2, 5)).capped(3).n_paste == (2, 3) and CopyPaste(n_paste=(2, 5)).capped(1).n_paste == (1, 1)
+    cp = CopyPaste(n_paste=(1, 4)); assert cp.capped(4) is cp and CutMix().capped(1) is None
+    g = GradMix(); assert g.capped(2).max_replace == 2 and g.max_replace is None and GradMix(max_replace=1).capped(5).max_replace == 1
+    S = stamp_set()
+    with pytest.raises(ValueError, match=r'CopyPaste\(types=\(1,\)\)'): insert_rare(CopyPaste(), S, 2, rare=1)
+    with pytest.raises(ValueError, match='not one of the rare types'): insert_rare(GradMix(rare_type=3), S, 2, rare=1)
+    with pytest.raises(ValueError, match='k must be'): insert_rare(Stamp(), S, -1, rare=1)
+    with pytest.raises(LabelError, match=r'samples\[0\] \(u\): insert_rare needs typed samples'):
+        insert_rare(Stamp(), [make_sample(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), meta={'image_id': 'u'})], 1, rare=1)
+
+class StampCover(Stamp):
+    "Each call also pastes a type-2 square over the top-left nucleus, which drops it: the ids of what stays shift down."
+    name = 'stampcover'
+    def apply(self, sample, area, rng, pool):
+        c = Canvas(sample, area, 1); src = c.add_source(None, 'stamp', image_id='stamp')
+        c.paste(np.ones((2, 2), bool), 0, 0, src, 2, type=2, pixels=np.full((2, 2, 3), 9, np.uint8))
+        for y, x in ((4, 4), (8, 8)):
+            if not sample.inst_map[y:y + 3, x:x + 3].any():
+                c.paste(np.ones((3, 3), bool), y, x, src, 1, type=1, pixels=np.zeros((3, 3, 3), np.uint8)); break
+        return c.finish(self.name, self.config())
+
+def test_insert_rare_follows_inserted_nuclei_through_later_applications():
+    out, rep = insert_rare(StampCover(), stamp_set(), 6, rare=1, seed=0)
+    assert (rep['inserted'], rep['applications'], rep['passes'], rep['lost']) == (6, 6, 2, 0)
+    own = int(out[0].inst_map[0, 9])  # image 0's own rare nucleus, renumbered from 2 to 1 by the first cover
+    assert own == 1 and out[0].inst_types[own - 1] == 1
+    expect = sorted([i, j] for i, s in enumerate(out) for j in range(1, s.n_instances + 1) if s.inst_types[j - 1] == 1 and (i, j) != (0, own))
+    assert sorted(rep['inserted_ids']) == expect and len(expect) == 6
+    assert all(out[i].inst_types[j - 1] == 1 for i, j in rep['inserted_ids'])

@@ -265,3 +265,148 @@ def test_format_summary_single_seed_has_no_plus_minus():
     assert f.loc['+Aug', 'aji_all'] == f'63.00 ± {np.sqrt(2):.2f}' and f.loc['+Aug', 'Δaji_all'] == '+3.00'
     s.loc['Baseline', 'aji_all_std'] = 0.0  # a zero spread reported for one seed still shows no ±
     assert format_summary(s).loc['Baseline', 'aji_all'] == '60.00'
+
+# ---------------------------------------------------------------- NucleiMix's protocol: class counts, scores, warm start, label fidelity
+
+from nucbook.bench import (class_count_table, warm_start_protocol, baseline_weights, label_fidelity, METRIC_PATTERN)
+from nucbook.data.sample import make_sample, LabelError
+
+def typed_row(types, image_id):
+    "One 2x2 nucleus per entry of `types`, in a row."
+    inst = np.zeros((4, 4 * len(types) + 1), np.int32)
+    for i in range(len(types)): inst[1:3, 4 * i + 1:4 * i + 3] = i + 1
+    return make_sample(np.zeros(inst.shape + (3,), np.uint8), inst, inst_types=dict(enumerate(types, 1)), meta={'image_id': image_id})
+
+def test_class_count_table_exact():
+    sets = {'Original': [typed_row([1, 2, 2, 3], 'a'), typed_row([3, 3, 4], 'b')],
+            'CutMix (k=2)': [typed_row([1, 1, 2, 3], 'a'), typed_row([3, 1, 4], 'b')], 'empty': []}
+    t = class_count_table(sets, {0: 'background', 1: 'miscellaneous', 2: 'inflammatory', 3: 'epithelial', 4: 'spindle'})
+    assert list(t.columns) == ['miscellaneous', 'inflammatory', 'epithelial', 'spindle', 'total']
+    assert t.to_dict(orient='index') == {
+        'Original': {'miscellaneous': 1, 'inflammatory': 2, 'epithelial': 3, 'spindle': 1, 'total': 7},
+        'CutMix (k=2)': {'miscellaneous': 3, 'inflammatory': 1, 'epithelial': 2, 'spindle': 1, 'total': 7},
+        'empty': {'miscellaneous': 0, 'inflammatory': 0, 'epithelial': 0, 'spindle': 0, 'total': 0}}
+    assert t.attrs['images'] == {'Original': 2, 'CutMix (k=2)': 2, 'empty': 0}
+    with pytest.raises(LabelError, match=r"Original: image 1 \(b\) has nuclei of types \[4\]"):
+        class_count_table(sets, {1: 'm', 2: 'i', 3: 'e'})
+    with pytest.raises(LabelError, match='has no nucleus types'):
+        class_count_table({'x': [make_sample(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32))]}, {1: 'm'})
+
+def test_scores_segmentation_and_classification_in_percent():
+    from nucbook.eval.metrics import evaluate
+    s = load_splits('synthetic', n_train=1, n_test=1, tile_size=64).test  # two typed test tiles, groups seen / unseen
+    sc = scores(evaluate(s, s))  # a perfect prediction
+    for g in ('all', 'seen', 'unseen'):
+        assert sc[f'dice_{g}'] == sc[f'aji_{g}'] == sc[f'dq_{g}'] == sc[f'f1_d_{g}'] == sc[f'acc_{g}'] == 100.0
+        assert sc[f'sq_{g}'] == pytest.approx(100.0, abs=1e-3) and sc[f'pq_{g}'] == pytest.approx(100.0, abs=1e-3)
+    types = sorted({int(t) for x in s for t in x.inst_types})
+    assert {f'f1_c_{t}_all' for t in types} <= set(sc) and all(sc[f'f1_c_{t}_all'] == 100.0 for t in types)
+    assert all(METRIC_PATTERN.match(k) for k in sc)
+    t = pd.DataFrame([dict(kind='mean', group='all', dice1=0.8, aji=0.6, dq=0.7, sq=0.8, pq=0.56),
+                      dict(kind='pooled', group='all', f1_d=0.9, acc=0.5, f1_c_1=0.25, f1_c_2=np.nan, tp_d=5, r2=0.3)])
+    assert scores(t) == pytest.approx({'dice_all': 80.0, 'aji_all': 60.0, 'dq_all': 70.0, 'sq_all': 80.0, 'pq_all': 56.0,
+                                       'f1_d_all': 90.0, 'acc_all': 50.0, 'f1_c_1_all': 25.0})
+
+def test_summarise_classification_columns():
+    res = [dict(row='Baseline', seed=s, f1_d_all=80.0 + s, acc_all=90.0, f1_c_1_all=20.0 + 2 * s, dq_all=70.0, sq_all=75.0 - s, n_train=3)
+           for s in range(3)] + [dict(row='CutMix', seed=s, f1_d_all=82.0, acc_all=91.0 + s, f1_c_1_all=30.0, dq_all=71.0, sq_all=76.0, n_train=3)
+                                 for s in range(3)]
+    s = summarise(res)
+    assert [c[:-5] for c in s.columns if c.endswith('_mean')] == ['f1_d_all', 'acc_all', 'f1_c_1_all', 'dq_all', 'sq_all']  # not n_train
+    assert s.loc['CutMix', 'f1_c_1_all_delta'] == pytest.approx(8.0) and s.loc['Baseline', 'f1_c_1_all_std'] == pytest.approx(2.0)
+    f = format_summary(s)
+    assert f.loc['Baseline', 'f1_c_1_all'] == '22.00 ± 2.00' and f.loc['CutMix', 'Δacc_all'] == '+2.00'
+    assert f.loc['Baseline', 'sq_all'] == '74.00 ± 1.00' and f.loc['CutMix', 'f1_d_all'] == '82.00 ± 0.00'
+
+def test_warm_start_protocol_rows(tmp_path):
+    ws = warm_start_protocol(dict(epochs=100, T_0=25, lr=1e-4, eta_min=1e-5, weight_decay=0.0))
+    assert ws['baseline'] == dict(epochs=100, T_0=25, lr=1e-4, eta_min=1e-5, weight_decay=0.0, snapshot_epochs=(50,))
+    assert ws['augmented'] == dict(epochs=50, T_0=25, lr=1e-4, eta_min=1e-5, weight_decay=0.0)
+    assert ws['record'] == {'epochs': 100, 'warm_start': {'snapshot': 50, 'epochs': 50}}
+    assert warm_start_protocol(dict(epochs=100, T_0=25), snapshot=75)['augmented']['epochs'] == 25
+    with pytest.raises(ValueError, match=r'in 1\.\.99'): warm_start_protocol(dict(epochs=100), snapshot=100)
+    with pytest.raises(ValueError, match=r"sets \[.snapshot_epochs.\] itself"): warm_start_protocol(dict(epochs=4, snapshot_epochs=(2,)))
+    with pytest.warns(UserWarning, match='not a multiple of T_0'): warm_start_protocol(dict(epochs=10, T_0=3))
+    assert baseline_weights(tmp_path, 2, 50) == tmp_path / 'Baseline-seed2' / 'weights_epoch50.pt'
+    # in small: the baseline keeps epoch 1, an augmented row trains 1 epoch from it
+    sp = load_splits('synthetic', n_train=3, n_test=1, tile_size=64)
+    cfg = dict(batch_size=4, crop_size=64, crops_per_image=1, threads=1, progress=False, val_every=0, T_0=1)
+    small = warm_start_protocol({**cfg, 'epochs': 2})
+    b = train_and_evaluate('Baseline', None, 0, sp.train, sp.test, small['baseline'], 'tiny', tmp_path, window=64)
+    snap = baseline_weights(tmp_path, 0, small['snapshot'])
+    assert snap.is_file() and 'init_from' not in b and b['epochs'] == 2
+    r = train_and_evaluate('+CutMix', lambda: get_augmentation('cutmix'), 0, sp.train, sp.test, small['augmented'], 'tiny', tmp_path,
+                           window=64, init_from=snap)
+    assert (r['epochs'], r['init_from'], r['cached']) == (1, str(snap), False)
+    from nucbook.core import load_checkpoint
+    assert load_checkpoint(Path(r['folder']) / 'last.pt')['settings']['init_weights'] == str(snap)
+    assert json.loads((Path(r['folder']) / 'eval.json').read_text())['setting']['init_from'] == str(snap)
+    again = train_and_evaluate('+CutMix', lambda: pytest.fail('retrained'), 0, sp.train, sp.test, small['augmented'], 'tiny', tmp_path,
+                               window=64, init_from=snap)
+    assert again['cached'] and again['init_from'] == str(snap)
+    with pytest.raises(ValueError, match=r'finished with other settings \(init_from\)'):
+        train_and_evaluate('+CutMix', lambda: get_augmentation('cutmix'), 0, sp.train, sp.test, small['augmented'], 'tiny', tmp_path,
+                           window=64, init_from=tmp_path / 'Baseline-seed0' / 'last.pt')
+    with pytest.raises(ValueError, match='differ: give one of them'):
+        train_and_evaluate('x', None, 0, sp.train, sp.test, {**small['augmented'], 'init_weights': 'a.pt'}, init_from='b.pt')
+    # an offline-augmented training set is not a baseline row, and says what it is
+    off = train_and_evaluate('CutMix (k=2)', None, 0, sp.train, sp.test, small['augmented'], 'tiny', tmp_path, window=64,
+                             init_from=snap, offline={'method': 'cutmix', 'k': 2, 'seed': 0})
+    setting = json.loads((Path(off['folder']) / 'eval.json').read_text())['setting']
+    assert setting['baseline'] is False and setting['offline'] == {'method': 'cutmix', 'k': 2, 'seed': 0} and off['offline']['k'] == 2
+
+def test_reproduction_gaps_and_label_with_a_warm_start():
+    nm = dict(epochs=100, warm_start={'snapshot': 50, 'epochs': 50})
+    rec = {**KUMAR_PAPER, 'dataset_resolved': 'consep_tiles', 'epochs': 100, 'warm_start': {'snapshot': 50, 'epochs': 50}}
+    assert reproduction_gaps(rec, 'consep_tiles', nm) == [] and reproduction_gaps({**rec, 'paper_setting': nm}, 'consep_tiles') == []
+    assert run_label(rec, 'consep_tiles', nm) == ("consep_tiles, paper profile, HoVer-Net (paper), 100 epochs (augmented rows: 50 epochs "
+                                                  "from the baseline's epoch 50), seeds 0, 1, 2")
+    scratch = {k: v for k, v in rec.items() if k != 'warm_start'}
+    assert reproduction_gaps(scratch, 'consep_tiles', nm) == ["augmented rows trained from scratch, not 50 epochs from the baseline's epoch 50"]
+    other = {**rec, 'epochs': 4, 'warm_start': {'snapshot': 2, 'epochs': 2}, 'profile': 'smoke'}
+    assert reproduction_gaps(other, 'consep_tiles', nm) == ['smoke profile', '4 epochs, not 100',
+                                                            "augmented rows 2 epochs from the baseline's epoch 2, not 50 epochs from the baseline's epoch 50"]
+    assert reproduction_gaps(rec, 'consep_tiles') == ['100 epochs, not 300', "augmented rows 50 epochs from the baseline's epoch 50, not trained from scratch"]
+    assert reproduction_gaps(KUMAR_PAPER, 'kumar') == []  # the common protocol's runs are unchanged
+
+def disk(inst, cy, cx, i, r=3):
+    yy, xx = np.mgrid[:inst.shape[0], :inst.shape[1]]; inst[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+
+def test_label_fidelity_exact_shares_with_a_fake_predictor():
+    inst = np.zeros((60, 60), np.int32)
+    for i, c in enumerate([(10, 10), (10, 40), (40, 10), (40, 40), (52, 52)], 1): disk(inst, *c, i)
+    # ids 1, 2 inserted (type 1); 3 real rare (type 1); 4, 5 major (type 2)
+    lab = make_sample(np.zeros((60, 60, 3), np.uint8), inst, inst_types={1: 1, 2: 1, 3: 1, 4: 2, 5: 2}, meta={'image_id': 'h'})
+    pred = np.zeros((60, 60), np.int32)
+    for i, c in enumerate([(12, 12), (10, 26), (40, 12), (40, 40)], 1): disk(pred, *c, i)  # id 2's prediction is 14 px away
+    calls = []
+    def fake(types):
+        def f(s): calls.append(s.meta['image_id']); return make_sample(s.image, pred, inst_types=types)
+        return f
+    other = make_sample(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32), inst_types={}, meta={'image_id': 'o'})
+    lf = label_fidelity(None, [other, lab], [(1, 1), (1, 2)], predict=fake({1: 1, 2: 1, 3: 2, 4: 2}))
+    assert calls == ['h'] and all(type(v) in (int, float) for v in lf.values())  # plain numbers, for metrics.json
+    assert lf == {'n_inserted': 2, 'n_found': 1, 'n_typed': 1, 'found': 0.5, 'found_typed': 0.5,
+                  'real_n': 1, 'real_n_found': 1, 'real_n_typed': 0, 'real_found': 1.0, 'real_found_typed': 0.0, 'n_images': 1}
+    lf = label_fidelity(None, [lab], [(0, 1), (0, 2)], radius=15, predict=fake({1: 2, 2: 1, 3: 1, 4: 2}))
+    assert (lf['n_found'], lf['n_typed'], lf['found'], lf['found_typed'], lf['real_found_typed']) == (2, 1, 1.0, 0.5, 1.0)
+    untyped = label_fidelity(None, [lab], [(0, 1)], predict=lambda s: make_sample(s.image, pred))
+    assert untyped['n_found'] == 1 and untyped['n_typed'] is None and np.isnan(untyped['found_typed'])
+    empty = label_fidelity(None, [lab], [], predict=fake({}))
+    assert empty['n_inserted'] == 0 and np.isnan(empty['found']) and empty['n_images'] == 0
+    with pytest.raises(ValueError, match=r'inserted\[0\] = \(0, 9\): samples\[0\] \(h\) has no instance 9'):
+        label_fidelity(None, [lab], [(0, 9)], predict=fake({}))
+    with pytest.raises(ValueError, match='give the model or a predict function'): label_fidelity(None, [lab], [(0, 1)])
+
+def test_label_fidelity_with_a_model_and_insert_rare():
+    import torch
+    from nucbook.augment.mix import insert_rare, CopyPaste
+    from nucbook.models.hovernet import HoVerNet
+    train = load_splits('synthetic', n_train=3, n_test=1, tile_size=160).train
+    assert sum(int((s.inst_types == 1).sum()) for s in train) > 0
+    out, rep = insert_rare(CopyPaste(types=(1,)), train, 4, rare=1, seed=0)
+    torch.manual_seed(0)
+    lf = label_fidelity(HoVerNet('tiny', n_types=4), out, rep['inserted_ids'], window=64)
+    assert lf['n_inserted'] == len(rep['inserted_ids']) == 4 and lf['n_images'] == len({i for i, _ in rep['inserted_ids']})
+    assert 0 <= lf['n_typed'] <= lf['n_found'] <= 4 and lf['real_n'] == sum(int((out[i].inst_types == 1).sum()) for i in
+                                                                             {i for i, _ in rep['inserted_ids']}) - 4

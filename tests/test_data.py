@@ -252,6 +252,36 @@ def test_glysac_merge_and_unknown_type(tmp_path):
     with pytest.raises(LabelError, match=r'g1.mat: type ids \[12\] are not in the class merge'):
         load_dataset('glysac', 'test', root=tmp_path)
 
+def test_glysac_distributed_format_merged_to_three_classes(tmp_path):
+    "GLySAC as distributed: Train|Test/Images/*.tif (RGB) + Labels/*.mat with HoVer-Net's four keys as MATLAB doubles."
+    base = tmp_path / 'glysac'
+    raw = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 4, 3]  # one nucleus per raw type, then two more
+    merged = {1: 1, 2: 1, 9: 1, 10: 1, 4: 2, 5: 2, 6: 2, 7: 2, 3: 3, 8: 3}
+    for split, stems in (('Train', ['EGC1_0_0', 'EGC1_0_1']), ('Test', ['AGC_x'])):
+        for k, stem in enumerate(stems):
+            save(base / split / 'Images' / f'{stem}.tif', img(40, 40, k))
+            inst = np.zeros((40, 40)); cen = []
+            for i in range(1, len(raw) + 1):
+                y, x = 12 * ((i - 1) // 4) + 2, 9 * ((i - 1) % 4) + 2
+                inst[y:y + 4, x:x + 5] = i; cen.append([x + 2.0, y + 1.5])
+            type_map = np.array([0] + raw, float)[inst.astype(int)]
+            (base / split / 'Labels').mkdir(parents=True, exist_ok=True)
+            sio.savemat(base / split / 'Labels' / f'{stem}.mat', {'inst_map': inst, 'type_map': type_map,
+                        'inst_type': np.array(raw, float)[:, None], 'inst_centroid': np.array(cen)})
+    tr = load_dataset('glysac', 'train', root=tmp_path)
+    assert [s.meta['image_id'] for s in tr] == ['EGC1_0_0', 'EGC1_0_1'] and tr[0].image.shape == (40, 40, 3)
+    assert tr[0].inst_types.tolist() == [merged[t] for t in raw] == [1, 1, 3, 2, 2, 2, 2, 3, 1, 1, 2, 3]
+    assert np.array_equal(tr[0].type_map, type_map_from_types(tr[0].inst_map, tr[0].inst_types)) and tr[0].type_map.max() == 3
+    assert tr[0].n_instances == 12 and tr[0].meta['mpp'] == 0.25
+    raw_s = load_dataset('glysac', 'test', root=tmp_path, merge=False)[0]
+    assert raw_s.inst_types.tolist() == raw and raw_s.meta['image_id'] == 'AGC_x'
+    assert D.class_map('glysac')[1] == 'other' and D.rare_types('glysac') == [1]
+    from nucbook.bench import load_splits, class_count_table
+    sp = load_splits('glysac', root=tmp_path)
+    assert sp.record['split']['method'] == 'manifest' and (len(sp.train), len(sp.test)) == (2, 1)
+    t = class_count_table({'Original': sp.train}, sp.classes)
+    assert t.loc['Original'].tolist() == [8, 10, 6, 24]  # per image: 4 other, 5 lymphocyte, 3 epithelial
+
 def test_cpm17_untyped_and_label_size_mismatch(tmp_path):
     base = tmp_path / 'cpm17'
     for split in ('train', 'test'):

@@ -7,7 +7,11 @@ import torch
 from diffusers import DDPMPipeline
 from nucbook.engine.diffusion import (cfg_combine, ddim_sample, ddim_scheduler, diffusion_loss, drop_labels, label_channels,
                                load_diffusion, make_noise_scheduler, make_semantic_unet, make_unet, predict_eps,
-                               patch_batch, save_diffusion, train_diffusion)
+                               patch_batch, save_diffusion, train_diffusion, ADM_WEIGHTS, discretized_gaussian_log_likelihood,
+                               gaussian_terms, learned_log_variance, model_side, normal_kl, p_mean_variance, q_posterior,
+                               respace, schedule_terms, split_output, vlb_bits)
+from nucbook.engine.loop import SettingsMismatch
+from nucbook.models.adm import ADMUNet, adm_config, load_adm, save_adm
 from nucbook.data.synth import synth_dataset
 
 torch.set_num_threads(1)  # pytest -n 2 on 2 cores
@@ -244,3 +248,199 @@ def test_ddim_sample_equals_hand_computed_steps(semantic, eta, start_step, batch
     ref = _ddim_by_hand(eps_fn, abar, y_T, taus, eta, draw)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert ((out - x0).abs() > 1e-2).float().mean() > 0.5  # a real sample, not a copy of the start image
+
+
+# --- learned variance (ADMUNet): the hybrid objective against its equations ---------------------------------------
+import math
+import json
+import torch.nn.functional as F
+
+
+def _adm(seed=0, **overrides):
+    "A tiny ADM with every tensor non-zero (its output convs are zero-initialised), so eps and v depend on the input."
+    torch.manual_seed(seed)
+    m = ADMUNet(**adm_config('tiny', **overrides)).eval()
+    with torch.no_grad():
+        for p in m.parameters(): p.copy_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_posterior_terms_by_hand():
+    # betas 0.02, 0.1, 0.5: alpha-bar 0.98, 0.882, 0.441
+    g = gaussian_terms([0.02, 0.1, 0.5]); ab = [0.98, 0.882, 0.441]
+    assert torch.allclose(g.abar, torch.tensor(ab, dtype=torch.float64), atol=1e-12)
+    bt1, bt2 = (1 - 0.98) / (1 - 0.882) * 0.1, (1 - 0.882) / (1 - 0.441) * 0.5
+    assert g.beta_tilde[0] == 0 and math.isclose(g.beta_tilde[1], bt1) and math.isclose(g.beta_tilde[2], bt2)
+    assert torch.allclose(g.log_beta_tilde, torch.tensor([math.log(bt1), math.log(bt1), math.log(bt2)], dtype=torch.float64))
+    x0, xt = torch.full((1, 1, 1, 1), 0.6), torch.full((1, 1, 1, 1), -0.4)
+    mean, logvar = q_posterior(g, x0, xt, 2)
+    hand = math.sqrt(0.882) * 0.5 / (1 - 0.441) * 0.6 + math.sqrt(0.5) * (1 - 0.882) / (1 - 0.441) * -0.4
+    assert math.isclose(mean.item(), hand, abs_tol=1e-6) and math.isclose(logvar.item(), math.log(bt2), abs_tol=1e-6)
+    assert math.isclose(q_posterior(g, x0, xt, 0)[0].item(), 0.6, abs_tol=1e-7)  # step 0: the mean is x0 itself
+    with pytest.raises(ValueError, match='timesteps'): gaussian_terms([0.1, 0.2], [0])
+
+
+def test_learned_range_endpoints_are_beta_tilde_and_beta():
+    g = schedule_terms(make_noise_scheduler())
+    t = torch.tensor([1, 10, 500, 999])
+    v = torch.ones(4, 3, 2, 2)
+    torch.testing.assert_close(learned_log_variance(-v, g, t)[:, 0, 0, 0], g.beta_tilde[t].log().float())
+    torch.testing.assert_close(learned_log_variance(v, g, t)[:, 0, 0, 0], g.beta[t].log().float())
+    torch.testing.assert_close(learned_log_variance(0 * v, g, t)[:, 0, 0, 0], (g.beta[t] * g.beta_tilde[t]).sqrt().log().float())
+    assert math.isclose(learned_log_variance(-v[:1], g, 0)[0, 0, 0, 0].item(), math.log(g.beta_tilde[1]), rel_tol=1e-6)  # clipped
+    # no v: p_theta's variance is beta_tilde (guided-diffusion's FIXED_SMALL)
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(p_mean_variance(g, t, x, torch.zeros_like(x))[1], learned_log_variance(-v, g, t))
+
+
+def test_normal_kl_known_values():
+    z, o = torch.zeros(()), torch.ones(())
+    assert normal_kl(o * 0.7, o * 0.3, o * 0.7, o * 0.3).item() == 0
+    # KL(N(1, 1/4) || N(0, 1)) = (1/4 + 1 - 1 - ln(1/4)) / 2
+    assert math.isclose(normal_kl(o, math.log(0.25) * o, z, z).item(), 0.5 * (0.25 + math.log(4)), rel_tol=1e-6)
+    assert math.isclose(normal_kl(z, z, o, 2 * o).item(), 0.5 * (1 + 2 * math.exp(-2)), rel_tol=1e-6)
+
+
+def test_discretized_gaussian_bins_sum_to_one_and_edges():
+    levels = (torch.arange(256.) / 127.5 - 1)[None]
+    for mu, s in ((0.1, 0.02), (-0.95, 0.4), (2.0, 1.0)):
+        p = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mu), torch.tensor(math.log(s))).exp()
+        assert math.isclose(p.sum().item(), 1.0, abs_tol=1e-5), (mu, s)
+    Phi = lambda u: 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+    x, mu, s = torch.tensor([[-1.0, 1.0, 0.0]]), torch.tensor([[-0.98, 0.9, 0.01]]), torch.tensor(math.log(0.05))
+    got = discretized_gaussian_log_likelihood(x, mu, s)[0].tolist()
+    hand = [math.log(Phi((-1 + 1 / 255 + 0.98) / 0.05)), math.log(1 - Phi((1 - 1 / 255 - 0.9) / 0.05)),
+            math.log(Phi((1 / 255 - 0.01) / 0.05) - Phi((-1 / 255 - 0.01) / 0.05))]
+    assert np.allclose(got, hand, atol=1e-5)
+    with pytest.raises(ValueError, match='differ'): discretized_gaussian_log_likelihood(x, mu[:, :2], s)
+
+
+def test_vlb_bits_by_hand_one_pixel():
+    # one pixel, x0 = 0.2, eps_true = 0.5, model eps = 0.3 and v = 0.4, at t = 0 (decoder NLL) and t = 7 (KL)
+    sched = make_noise_scheduler(); g = schedule_terms(sched)
+    x0, e_true, e, v = 0.2, 0.5, 0.3, 0.4
+    def hand(t):
+        a, ap, b, bt = g.abar[t].item(), g.abar_prev[t].item(), g.beta[t].item(), g.beta_tilde[t].item()
+        xt = math.sqrt(a) * x0 + math.sqrt(1 - a) * e_true
+        post = lambda x_0: math.sqrt(ap) * b / (1 - a) * x_0 + math.sqrt(1 - b) * (1 - ap) / (1 - a) * xt
+        x0_hat = (xt - math.sqrt(1 - a) * e) / math.sqrt(a)
+        f = (v + 1) / 2; lv = f * math.log(b) + (1 - f) * math.log(bt if t else g.beta_tilde[1].item())
+        if t:
+            lq = math.log(bt)
+            return 0.5 * (-1 + lv - lq + math.exp(lq - lv) + (post(x0) - post(x0_hat)) ** 2 * math.exp(-lv)) / math.log(2)
+        Phi = lambda u: 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
+        m, sd = post(x0_hat), math.exp(0.5 * lv)
+        return -math.log(Phi((x0 + 1 / 255 - m) / sd) - Phi((x0 - 1 / 255 - m) / sd)) / math.log(2)
+    t = torch.tensor([0, 7])
+    X0 = torch.full((2, 1, 1, 1), x0); xt = sched.add_noise(X0, torch.full_like(X0, e_true), t)
+    got = vlb_bits(g, X0, xt, t, torch.full_like(X0, e), torch.full_like(X0, v))
+    assert np.allclose(got.tolist(), [hand(0), hand(7)], rtol=1e-4), (got, hand(0), hand(7))
+    # the true noise and v = -1: p_theta is the true posterior, nothing to pay for t > 0
+    assert vlb_bits(g, X0, xt, t, torch.full_like(X0, e_true), -torch.ones_like(X0))[1].abs().item() < 1e-5
+
+
+class _FixedOut(torch.nn.Module):
+    "A 'model' whose output (eps in channels 0-2, v in 3-5) is a parameter, whatever its input."
+    def __init__(self, out): super().__init__(); self.out = torch.nn.Parameter(out.clone())
+    def forward(self, x, t): return self.out
+
+
+@pytest.mark.parametrize('T', [1000, 250])
+def test_hybrid_loss_terms_and_stop_gradient(T, batch):
+    x0 = batch[0]; sched = make_noise_scheduler(T); g = torch.Generator().manual_seed(4)
+    t, eps = torch.tensor([0, 3, T // 2, T - 1]), torch.randn(x0.shape, generator=g)
+    m = _FixedOut(torch.cat([torch.randn(x0.shape, generator=g), torch.rand(x0.shape, generator=g) * 2 - 1], 1))
+    loss, terms = diffusion_loss(m, sched, x0, t, eps, return_terms=True)
+    mse = F.mse_loss(m.out[:, :3], eps)
+    vlb = vlb_bits(schedule_terms(sched), x0, sched.add_noise(x0, eps, t), t, m.out[:, :3], m.out[:, 3:]).mean()
+    assert math.isclose(terms['mse'], mse.item(), rel_tol=1e-6) and math.isclose(terms['vlb'], T / 1000 * vlb.item(), rel_tol=1e-5)
+    assert math.isclose(loss.item(), mse.item() + T / 1000 * vlb.item(), rel_tol=1e-5)
+    grad, = torch.autograd.grad(loss, m.out)
+    g_mse, = torch.autograd.grad(mse, m.out)
+    assert torch.equal(grad[:, :3], g_mse[:, :3])  # L_vlb sends nothing to the eps channels (stop-gradient)
+    g_vlb, = torch.autograd.grad(T / 1000 * vlb, m.out)
+    torch.testing.assert_close(grad[:, 3:], g_vlb[:, 3:])
+    assert (g_vlb[:, 3:] != 0).float().mean() > 0.99 and (g_vlb[:, :3] != 0).any()  # (without the stop the eps channels move)
+
+
+def test_loss_without_learned_variance_is_plain_mse(batch):
+    x0 = batch[0]; model = _unet(); sched = make_noise_scheduler(); t = torch.tensor([3, 300, 600, 999])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    loss, terms = diffusion_loss(model, sched, x0, t, eps, return_terms=True)
+    assert list(terms) == ['mse'] and torch.equal(loss, F.mse_loss(model(sched.add_noise(x0, eps, t), t).sample, eps))
+
+
+def test_model_side_and_split_output():
+    assert model_side(_unet()) == S and model_side(_adm()) == 32 and model_side(_adm(image_size=64)) == 64
+    with pytest.raises(ValueError, match='no patch side'): model_side(torch.nn.Linear(2, 2))
+    out = torch.randn(2, 6, 4, 4)
+    e, v = split_output(out); assert torch.equal(e, out[:, :3]) and torch.equal(v, out[:, 3:])
+    assert split_output(out[:, :3])[1] is None
+    with pytest.raises(ValueError, match='N x 3 x H x W'): split_output(torch.zeros(1, 5, 2, 2))
+
+
+def test_adm_save_load_round_trip(batch, tmp_path):
+    x = batch[0][:2, :, :16, :16]; t = torch.tensor([0, 640]); model = _adm(); sched = make_noise_scheduler()
+    save_diffusion(tmp_path/'m', model, sched)
+    conf = json.loads((tmp_path/'m'/'unet'/'config.json').read_text())
+    assert conf == {'_class_name': 'ADMUNet', **{k: list(v) if isinstance(v, tuple) else v for k, v in adm_config('tiny').items()}}
+    assert sorted(p.name for p in (tmp_path/'m').iterdir()) == ['scheduler', 'unet']  # no DDPMPipeline index: not diffusers'
+    m2, s2 = load_diffusion(tmp_path/'m')
+    assert type(m2) is ADMUNet and m2.args == model.args and torch.equal(s2.alphas_cumprod, sched.alphas_cumprod)
+    with torch.no_grad():
+        assert torch.equal(m2(x, t), model(x, t))
+        # the weights file is a plain guided-diffusion state dict
+        assert torch.equal(load_adm(tmp_path/'m'/'unet'/ADM_WEIGHTS, 'tiny')(x, t), model(x, t))
+    assert set(torch.load(tmp_path/'m'/'unet'/ADM_WEIGHTS, weights_only=True)) == set(model.state_dict())
+
+
+def test_adm_resume_in_time_limited_chunks(tiles, tmp_path):
+    kw = dict(steps=4, batch_size=2, patch_size=16, lr=1e-3, ckpt_every=2, ema_decay=0.9, seed=5)
+    full = train_diffusion(_adm(), tiles, tmp_path/'full', **kw)
+    first = train_diffusion(_adm(), tiles, tmp_path/'cut', max_seconds=0, **kw)  # stops after one step, with a checkpoint
+    assert not first.finished and first.step == 1 and not (tmp_path/'cut'/'model').exists()
+    rest = train_diffusion(_adm(), tiles, tmp_path/'cut', **kw)
+    assert rest.resumed_from == 1 and rest.finished and rest.losses == full.losses
+    for (k, a), b in zip(full.model.state_dict().items(), rest.model.state_dict().values()): assert torch.equal(a, b), k
+    for a, b in zip(full.ema.shadow_params, rest.ema.shadow_params): assert torch.equal(a, b)
+    hist = torch.load(tmp_path/'cut'/'checkpoint.pt', weights_only=False)['history']
+    rec = hist['records']  # the hybrid terms are logged every step, and add up to the loss
+    assert len(rec['vlb']) == 4 and np.allclose(rec['loss'], rec['mse'] + rec['vlb'], rtol=1e-5) and (rec['vlb'] > 0).all()
+    m, _ = load_diffusion(tmp_path/'cut'/'model')
+    xx = torch.randn(1, 3, 16, 16)
+    with torch.no_grad(): assert torch.equal(m(xx, torch.tensor([3])), rest.ema_model()(xx, torch.tensor([3])))
+
+
+def test_train_from_a_guided_diffusion_checkpoint(tiles, tmp_path):
+    src = _adm(seed=7); ck = save_adm(src, tmp_path/'256x256_diffusion_uncond.pt')
+    kw = dict(steps=1, batch_size=2, patch_size=16, lr=0.0, ema_decay=0.9, seed=0)  # lr 0: the weights stay the file's
+    run = train_diffusion(ADMUNet(**adm_config('tiny')), tiles, tmp_path/'run', init_from=ck, **kw)
+    for (k, a), b in zip(src.state_dict().items(), run.model.state_dict().values()): assert torch.equal(a, b), k
+    assert run.losses[0] > 0
+    with pytest.raises(SettingsMismatch, match='init_from'):
+        train_diffusion(ADMUNet(**adm_config('tiny')), tiles, tmp_path/'run', init_from=tmp_path/'other.pt', **kw)
+    with pytest.raises(ValueError, match='ADMUNet'): train_diffusion(_unet(), tiles, tmp_path/'u', init_from=ck, **kw)
+    with pytest.raises(ValueError, match='does not match the ADM config'):  # a checkpoint of another size
+        train_diffusion(ADMUNet(**adm_config('tiny', model_channels=64)), tiles, tmp_path/'v', init_from=ck, **kw)
+
+
+def test_ddim_sample_with_adm_equals_hand_computed_steps():
+    model = _adm(); sched = make_noise_scheduler(); abar = sched.alphas_cumprod; taus = [999, 799, 599, 399, 199]
+    def eps_fn(y, t):
+        with torch.no_grad(): return model(y, torch.full((len(y),), t))[:, :3]
+    draw = _noise([3, 4], (3, 16, 16)); y_T = draw()
+    out = ddim_sample(model, sched, 2, steps=5, eta=1.0, seed=3)  # patch side from the model: 32
+    assert out.shape == (2, 3, 32, 32)
+    out = ddim_sample(model, sched, 2, steps=5, eta=1.0, seed=3, size=16)
+    torch.testing.assert_close(out, _ddim_by_hand(eps_fn, abar, y_T, taus, 1.0, draw), atol=1e-4, rtol=0)
+    assert torch.equal(predict_eps(model, y_T, 5), model(y_T, torch.tensor([5, 5]))[:, :3].detach())
+
+
+def test_respaced_chain():
+    sched = make_noise_scheduler(); full = schedule_terms(sched)
+    r = respace(sched, 4)
+    assert r.timesteps.tolist() == [0, 333, 666, 999]
+    torch.testing.assert_close(r.abar, full.abar[r.timesteps], atol=1e-12, rtol=0)
+    torch.testing.assert_close(r.beta[1:], 1 - full.abar[r.timesteps[1:]] / full.abar[r.timesteps[:-1]], atol=1e-12, rtol=0)
+    assert respace(sched, 250).timesteps[:3].tolist() == [0, 4, 8] and respace(sched, 1).timesteps.tolist() == [999]
+    with pytest.raises(ValueError, match='1..1000'): respace(sched, 0)

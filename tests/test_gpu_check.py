@@ -34,7 +34,7 @@ def test_cpu_smoke_gives_a_row_per_model_and_a_summary():
     table = out[out.rindex('\nmodel ') + 1:]
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:] if line and not line.startswith((' ', 'SUMMARY'))}
     names = [e.name for e in gc.REGISTRY]
-    assert len(names) >= 7 and {'hovernet', 'smooth-gan', 'unet', 'semantic-unet', 'ddim-sample'} <= set(names)
+    assert len(names) >= 9 and {'hovernet', 'smooth-gan', 'unet', 'semantic-unet', 'ddim-sample', 'adm-256', 'adm-mcg'} <= set(names)
     for name in names: assert rows.get(name) == 'ok', (name, out, r.stderr)
     last = out.strip().splitlines()[-1]
     assert last.startswith('SUMMARY: PASS'), out
@@ -105,3 +105,15 @@ def test_a_failing_model_gives_a_failed_row_not_a_crash():
     row = gc.run_entry(gc.Entry('broken', build), ctx, None, 10.0)
     assert row['status'] == 'FAILED'
     assert 'ImportError' in row['error'] and 'nucbook.models.no_such_module' in row['error']
+
+
+def test_adm_entries_use_the_paper_network_and_tiny_in_the_smoke_run():
+    from nucbook.models.adm import ADMUNet, adm_config
+    paper_preset, smoke_preset = gc.ADM_PRESETS
+    with torch.device('meta'): paper = ADMUNet(**adm_config(paper_preset))
+    assert sum(p.numel() for p in paper.parameters()) == 552_814_086 and paper.image_size == 256
+    tiny = gc._adm_setup(gc.Ctx(torch.device('cpu'), smoke=True))
+    assert tiny.args == adm_config(smoke_preset) == adm_config('tiny')
+    # the zero-initialised convs were re-initialised, so the equality probes compare non-zero outputs
+    assert all(m.weight.any() for m in tiny.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)))
+    with torch.no_grad(): assert tiny(torch.randn(1, 3, 32, 32), torch.tensor([3])).abs().min() > 0

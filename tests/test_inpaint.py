@@ -6,6 +6,7 @@ import pytest
 import torch
 from nucbook.engine.diffusion import make_noise_scheduler, make_semantic_unet, make_unet, to_model_range
 from nucbook.engine.inpaint import inpaint_image, mcg_inpaint, repaint
+from nucbook.models.adm import ADMUNet, adm_config
 from nucbook.data.synth import synth_tile
 
 torch.set_num_threads(1)
@@ -25,7 +26,8 @@ def data():
 
 
 @pytest.mark.parametrize('fill,kw', [(mcg_inpaint, dict(alpha=1.0)), (mcg_inpaint, dict(alpha=0.5, squared=True, eta=0.0)),
-                                     (mcg_inpaint, dict(alpha=0.0)), (repaint, dict(jump_length=2, jump_n_sample=2))])
+                                     (mcg_inpaint, dict(alpha=0.0)), (repaint, dict(jump_length=2, jump_n_sample=2)),
+                                     (mcg_inpaint, dict(alpha=1.0, sampler='ddpm')), (mcg_inpaint, dict(alpha=0.0, sampler='ddpm'))])
 def test_known_pixels_bit_identical(fill, kw, model, data):
     y, mask = data; sched = make_noise_scheduler()
     out = fill(model, sched, y, mask, steps=4, seed=0, batch_size=2, **kw)
@@ -44,7 +46,7 @@ def test_mcg_gradient_changes_the_fill(model, data):
 
 
 @pytest.mark.parametrize('fill,kw', [(mcg_inpaint, dict(alpha=1.0, eta=1.0)), (mcg_inpaint, dict(alpha=1.0, eta=0.0)),
-                                     (repaint, dict(jump_length=2, jump_n_sample=3))])
+                                     (repaint, dict(jump_length=2, jump_n_sample=3)), (mcg_inpaint, dict(alpha=1.0, sampler='ddpm'))])
 def test_perfect_model_recovers_the_hole(fill, kw, data, oracle):
     # a noise predictor that is exact for x0 fills the hole with x0 (Tweedie estimate = x0 at every step)
     y, mask = data; sched = make_noise_scheduler()
@@ -72,6 +74,7 @@ def test_bad_inputs(model, data):
     img = synth_tile(0, size=S).image
     with pytest.raises(ValueError, match='mask must be bool'): inpaint_image(model, sched, img, np.zeros((S, S), np.uint8))
     with pytest.raises(ValueError, match='unknown method'): inpaint_image(model, sched, img, np.ones((S, S), bool), method='x')
+    with pytest.raises(ValueError, match='unknown sampler'): mcg_inpaint(model, sched, y, mask, sampler='euler')
 
 
 # --- MCG against its equations -------------------------------------------------------------------------------------
@@ -187,8 +190,8 @@ def test_gaussian_prior_denoiser_is_exact():
     assert err_model < 1.01 * err_fit and err_model < 0.9  # as good as the best linear predictor fitted on the data
 
 
-@pytest.mark.parametrize('eta', [0.0, 1.0])
-def test_mcg_pulls_the_fill_towards_the_measurement(eta):
+@pytest.mark.parametrize('eta,sampler', [(0.0, 'ddim'), (1.0, 'ddim'), (1.0, 'ddpm')])
+def test_mcg_pulls_the_fill_towards_the_measurement(eta, sampler):
     # What MCG must do, and replacement sampling (alpha=0) does not: make the clean-image estimate agree with the
     # measurement. Replacement only overwrites the known pixels of x_i, so the hole is denoised as if unconditioned;
     # MCG moves x_{i-1} down the gradient of ||y - H x0_hat(x_i)||. With the exact denoiser of a Gaussian prior and y
@@ -202,7 +205,7 @@ def test_mcg_pulls_the_fill_towards_the_measurement(eta):
     cond_mean = (C[hole][:, k] @ torch.linalg.solve(C[k][:, k], y.flatten(2)[..., k].double().transpose(1, 2))).transpose(1, 2)
 
     def run(alpha):
-        with _inputs(m) as seen: out = mcg_inpaint(m, sched, y, mask, steps=10, eta=eta, alpha=alpha, seed=0)
+        with _inputs(m) as seen: out = mcg_inpaint(m, sched, y, mask, steps=10, eta=eta, alpha=alpha, seed=0, sampler=sampler)
         with torch.no_grad():
             err = torch.stack([((known * (y - (x - (1 - abar[t]).sqrt() * m(x, t).sample) / abar[t].sqrt())).flatten(1)).norm(dim=1)
                                for x, t in seen])  # steps x patches
@@ -214,3 +217,105 @@ def test_mcg_pulls_the_fill_towards_the_measurement(eta):
     assert (ratio < 1).all() and ratio.mean() < 0.98, ratio
     assert (f1 < 0.85 * f0).all(), (f0, f1)  # 0.42-0.75 measured
     assert (f0 > 0.2).all()  # replacement: about the prior's spread (0.4) away; the conditional spread is 0.02
+
+
+# --- the ancestral (ddpm) sampler and the ADM UNet -------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def adm():
+    "A tiny ADM with every tensor non-zero (its output convs are zero-initialised), so its eps and v vary with the input."
+    torch.manual_seed(0)
+    m = ADMUNet(**adm_config('tiny')).eval()
+    with torch.no_grad():
+        for p in m.parameters(): p.copy_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.mark.parametrize('sampler', ['ddim', 'ddpm'])
+def test_adm_known_pixels_bit_identical(sampler, adm, data):
+    y, mask = data; sched = make_noise_scheduler(); keep = ~mask.expand_as(y)
+    out = mcg_inpaint(adm, sched, y, mask, steps=4, seed=0, batch_size=2, sampler=sampler)
+    assert torch.equal(out[keep], y[keep]) and not torch.equal(out[~keep], y[~keep]) and out.abs().max() <= 1
+    assert torch.equal(out, mcg_inpaint(adm, sched, y, mask, steps=4, seed=0, batch_size=2, sampler=sampler))
+
+
+def test_adm_repaint_and_whole_images(adm, data):
+    y, mask = data; sched = make_noise_scheduler(); keep = ~mask.expand_as(y)
+    out = repaint(adm, sched, y, mask, steps=4, jump_length=2, jump_n_sample=2, seed=1)
+    assert torch.equal(out[keep], y[keep]) and not torch.equal(out[~keep], y[~keep])
+    img = synth_tile(5, size=(40, 36)).image  # 32 px tiles by default (the model's image_size): 2 x 2 tiles
+    m = np.zeros(img.shape[:2], bool); m[3:8, 4:9] = True; m[35:39, 33:35] = True
+    res = inpaint_image(adm, sched, img, m, steps=3, sampler='ddpm')
+    assert np.array_equal(res[~m], img[~m]) and (res[m] != img[m]).any()
+
+
+class KnownOut(torch.nn.Module):
+    "A hand-made model: the same eps (and variance values v, if given) for every input and timestep."
+    def __init__(self, eps, v=None):
+        super().__init__(); self.eps, self.v = eps, v; self.w = torch.nn.Parameter(torch.zeros(()))
+    def forward(self, x, t):
+        out = self.eps.expand(len(x), -1, -1, -1) + 0 * self.w
+        return out if self.v is None else torch.cat([out, self.v.expand(len(x), -1, -1, -1)], 1)
+
+
+@pytest.mark.parametrize('learned', [True, False])
+def test_one_ddpm_step_by_hand(learned, data):
+    # steps=2: the respaced chain keeps t = 0 and 999. Step i = 1 (model at t = 999), written out with the chain's
+    # beta'_1 = 1 - abar_999 / abar_0 and beta_tilde'_1 = (1 - abar_0) / (1 - abar_999) beta'_1:
+    #   x'_0 = mu_tilde(clip(x0_hat), x_1) + sigma z - alpha grad,  sigma^2 = exp(f log beta' + (1 - f) log beta_tilde'),
+    # f = (v + 1) / 2 (learned) or sigma^2 = beta_tilde' (no v); the known pixels then get sqrt(abar_0) y + sqrt(1 - abar_0) n
+    y, mask = data; y, mask = y[:2], mask[:2]; known = ~mask; sched = make_noise_scheduler(); alpha = 0.3
+    g = torch.Generator().manual_seed(11)
+    E, V = torch.randn(1, 3, S, S, generator=g), torch.rand(1, 3, S, S, generator=g) * 2 - 1
+    model = KnownOut(E, V if learned else None)
+    with _inputs(model) as seen: out = mcg_inpaint(model, sched, y, mask, steps=2, alpha=alpha, seed=4, sampler='ddpm')
+    assert [t for _, t in seen] == [999, 0]
+    abar = torch.cumprod(1 - sched.betas.double(), 0); a, ap = abar[999], abar[0]
+    b = 1 - a / ap; bt = (1 - ap) / (1 - a) * b
+    draw = _draws([4, 5], y.shape[1:]); x = draw().double(); yd = y.double(); Ed = E.double()
+    x0_hat = (x - (1 - a).sqrt() * Ed) / a.sqrt()
+    r = known * (yd - x0_hat); norm = r.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    grad = -r / norm / a.sqrt()  # d/dx ||H (y - x0_hat(x))||, x0_hat linear in x with slope 1/sqrt(a)
+    mean = ap.sqrt() * b / (1 - a) * x0_hat.clamp(-1, 1) + (1 - b).sqrt() * (1 - ap) / (1 - a) * x
+    f = (V.double() + 1) / 2
+    var = torch.exp(f * b.log() + (1 - f) * bt.log()) if learned else bt
+    x_prev = mean + var.sqrt() * draw() - alpha * grad
+    x1 = torch.where(known, ap.sqrt() * yd + (1 - ap).sqrt() * draw(), x_prev)
+    torch.testing.assert_close(seen[1][0].double(), x1, atol=2e-5, rtol=1e-5)
+    # the last step (t = 0, abar_prev = 1): mu_tilde = clip(x0_hat) exactly, no noise; the output keeps y where known
+    x0_last = ((x1 - (1 - ap).sqrt() * Ed) / ap.sqrt())
+    r = known * (yd - x0_last); grad = -r / r.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1) / ap.sqrt()
+    ref = torch.where(known, yd, (x0_last.clamp(-1, 1) - alpha * grad).clamp(-1, 1))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    if learned:  # the learned variance matters: sigma differs from sqrt(beta_tilde') by far more than the tolerance
+        assert (var.sqrt() - bt.sqrt()).abs().max() > 1e-2
+
+
+def _mcg_ddpm_by_hand(model, sched, y, known, steps, alpha, seed):
+    "guided-diffusion's p_sample on the chain respaced to `steps` (even spacing, rounded) + MCG (Eqs. 8-11), by hand."
+    T = 1000; taus = [round(i * (T - 1) / (steps - 1)) for i in range(steps)][::-1]
+    abar = torch.cumprod(1 - sched.betas.double(), 0)
+    draw = _draws(range(seed, seed + len(y)), y.shape[1:]); x = draw(); xs = []
+    for j, t in enumerate(taus):
+        a = abar[t].float(); ap = abar[taus[j + 1]].float() if j + 1 < steps else torch.tensor(1.0)
+        b = 1 - a / ap; bt = (1 - ap) / (1 - a) * b
+        xs.append(x); xi = x.clone().requires_grad_(True)
+        out = model(xi, torch.tensor(t)); eps, v = out[:, :3], out[:, 3:]
+        x0 = (xi - (1 - a).sqrt() * eps) / a.sqrt()
+        g, = torch.autograd.grad((known * (y - x0)).flatten(1).norm(dim=1).sum(), xi)
+        mean = ap.sqrt() * b / (1 - a) * x0.detach().clamp(-1, 1) + (1 - b).sqrt() * (1 - ap) / (1 - a) * x
+        f = (v.detach() + 1) / 2
+        sigma = (f * b.log() + (1 - f) * bt.log()).exp().sqrt() if j + 1 < steps else 0  # no noise at the last step
+        x_prev = mean + sigma * draw() - alpha * g  # (z drawn at every step)
+        x = torch.where(known, ap.sqrt() * y + (1 - ap).sqrt() * draw(), x_prev)
+    return torch.where(known, y, x_prev.clamp(-1, 1)), xs
+
+
+@pytest.mark.parametrize('steps,alpha', [(4, 0.5), (5, 0.0)])
+def test_mcg_ddpm_equals_hand_computed_sampler(steps, alpha, adm, data):
+    y, mask = data; sched = make_noise_scheduler(); known = ~mask
+    with _inputs(adm) as seen: out = mcg_inpaint(adm, sched, y, mask, steps=steps, alpha=alpha, seed=8, sampler='ddpm')
+    ref, xs = _mcg_ddpm_by_hand(adm, sched, y, known, steps, alpha, seed=8)
+    assert [t for _, t in seen] == [round(i * 999 / (steps - 1)) for i in range(steps)][::-1]
+    for k, ((x, _), x_ref) in enumerate(zip(seen, xs)):
+        torch.testing.assert_close(x, x_ref, atol=1e-4, rtol=1e-5, msg=f'x_i at step {k}')
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)

@@ -156,3 +156,51 @@ def test_baseline_notebook_on_an_own_folder_records_what_ran(tmp_path):
     assert 'n_train' not in rec and 'n_test' not in rec  # the synthetic sizes are not recorded for an own folder
     nb = (tmp_path/'run'/'10a_baseline.ipynb').read_text()
     assert 'SEEDED split' in nb
+
+
+def test_snapshot_and_warm_start(tmp_path):
+    "snapshot_epochs keeps epoch-n weights (atomically); init_weights starts from them; both are checked settings."
+    from nucbook.data.synth import synth_dataset
+    from nucbook.engine.loop import SettingsMismatch
+    from nucbook.engine.train import fit, weights_path, load_weights, save_weights
+    from nucbook.models.hovernet import HoVerNet
+    data = synth_dataset(4, 'train', seed=0, size=96)
+    kw = dict(batch_size=2, crop_size=64, crops_per_image=2, T_0=2, progress=False, threads=1)
+    torch.manual_seed(0)
+    base = fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'base', epochs=3, snapshot_epochs=(1, 2), **kw)
+    assert sorted(p.name for p in (tmp_path/'base').glob('weights_*')) == ['weights_epoch1.pt', 'weights_epoch2.pt']
+    assert not list((tmp_path/'base').glob('.*.tmp'))  # written atomically: no temporary file left
+    snap = load_checkpoint(weights_path(tmp_path/'base', 2))
+    assert (snap['epoch'], snap['step']) == (2, 8) and snap['model_settings']['class'] == 'HoVerNet'
+    torch.manual_seed(0)  # the same run stopped after 2 epochs ends with the snapshot's weights, bit for bit
+    ref = fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'ref', epochs=2, **kw)
+    assert all(torch.equal(v, snap['model'][k]) for k, v in ref.raw_model.state_dict().items())
+    assert not any(torch.equal(v, snap['model'][k]) for k, v in base.raw_model.state_dict().items() if v.is_floating_point() and v.numel() > 1)
+    # a warm start with lr 0 keeps the snapshot's parameters exactly: the run started from them, not from its own init
+    torch.manual_seed(1)
+    warm = fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'warm', epochs=1, init_weights=str(weights_path(tmp_path/'base', 2)),
+               **{**kw, 'lr': 0.0})
+    assert all(torch.equal(p.detach(), snap['model'][k]) for k, p in warm.raw_model.named_parameters())
+    # with lr > 0 it trains on from them: fresh optimiser (step counts from 0) and schedule (lr back at its peak)
+    warm2 = fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'warm2', epochs=1, init_weights=str(weights_path(tmp_path/'base', 2)), **kw)
+    assert warm2.history[0]['epoch'] == 1 and warm2.global_step == 4
+    st = warm2.state_dict()['state']['optimizer']['state'][0]['step']
+    assert float(st) == 4.0
+    # refusals on resume: another init file, none, changed snapshot epochs, the init file's content changed
+    w = str(weights_path(tmp_path/'base', 2))
+    with pytest.raises(SettingsMismatch, match='init_weights'):
+        fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'warm2', epochs=1, init_weights=str(weights_path(tmp_path/'base', 1)), **kw)
+    with pytest.raises(SettingsMismatch, match='init_weights'): fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'warm2', epochs=1, **kw)
+    with pytest.raises(SettingsMismatch, match='snapshot_epochs'):
+        fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'base', epochs=3, snapshot_epochs=(1,), **kw)
+    save_weights(w, HoVerNet('tiny', n_types=4), epoch=2, step=8)  # same path, other weights
+    with pytest.raises(SettingsMismatch, match='init_weights_sha1'):
+        fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'warm2', epochs=1, init_weights=w, **kw)
+    again = fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'base', epochs=3, snapshot_epochs=(1, 2), **kw)  # same settings: finished
+    assert again.global_step == 12
+    with pytest.raises(ValueError, match=r'snapshot_epochs must be a tuple of epochs in 1\.\.3'):
+        fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'x', epochs=3, snapshot_epochs=(0,), **kw)
+    with pytest.raises(FileNotFoundError, match='missing.pt: init_weights file not found'):
+        fit(HoVerNet('tiny', n_types=4), data, None, tmp_path/'x', epochs=1, init_weights=str(tmp_path/'missing.pt'), **kw)
+    with pytest.raises(ValueError, match=r'do not fit the HoVerNet: shapes \(file vs model\) decoder.tp.u0.conv.weight \(5, 8, 1, 1\) vs \(6, 8, 1, 1\)'):
+        load_weights(HoVerNet('tiny', n_types=5), w)

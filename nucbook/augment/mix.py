@@ -7,7 +7,7 @@ Docs: https://nucbook.github.io/nucbook/augment.html.md"""
 
 # %% ../../nbs/06a_augment.ipynb #26934692
 from __future__ import annotations
-import json, weakref
+import copy, json, weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +24,7 @@ _all_ = ['StandardAugment']
 # %% auto #0
 __all__ = ['AUGMENTATIONS', 'blend', 'erase', 'mask_mix', 'random_box', 'box_mask', 'cow_mask', 'Augmentation', 'pick_donor',
            'MixUp', 'CutOut', 'CutMix', 'CowOut', 'CowMix', 'CopyPaste', 'median_at', 'GradMix', 'as_transform',
-           'load_augmented', 'augment_set', 'get_augmentation', 'StandardAugment']
+           'load_augmented', 'augment_set', 'rare_change', 'insert_rare', 'get_augmentation', 'StandardAugment']
 
 # %% ../../nbs/06a_augment.ipynb #0711150c
 def _aligned(s:Sample, d:Sample, rng:np.random.Generator|None, role:str) -> tuple[Sample, list]:
@@ -174,6 +174,12 @@ class Augmentation:
 
     def apply(self, sample:Sample, area:np.ndarray, rng:np.random.Generator, pool:Sequence[Sample]) -> Augmented:
         raise NotImplementedError
+
+    def capped(self,
+        n:int, # the most nuclei one call may add
+    ) -> Augmentation|None:
+        "A copy that adds at most `n` nuclei per call (itself when it never adds more); None: the method cannot be bounded."
+        return None
 
     def batch(self,
         samples:Sequence[Sample], # a batch
@@ -328,6 +334,12 @@ class CopyPaste(Augmentation):
         self.n_paste, self.scale, self.types, self.flip = tuple(n_paste), tuple(scale), None if types is None else tuple(types), flip
         self.max_tries = max_tries
 
+    def capped(self, n:int) -> CopyPaste:
+        "A copy that pastes at most `n` nuclei per call (itself when `n_paste` never exceeds `n`)."
+        if n < 1: raise ValueError(f'capped needs n >= 1, got {n}')
+        if self.n_paste[1] <= n: return self
+        c = copy.copy(self); c.n_paste = (min(self.n_paste[0], n), int(n)); return c
+
     def _eligible(self, s:Sample) -> np.ndarray:
         if self.types is None: return np.arange(1, s.n_instances + 1)
         if s.inst_types is None: return np.zeros(0, int)
@@ -405,6 +417,12 @@ class GradMix(Augmentation):
         self.dilate, self.inpaint_radius, self.colour_mix, self.median, self.max_replace = dilate, inpaint_radius, colour_mix, median, max_replace
         self.max_tries = max_tries
         self._tables = {}
+
+    def capped(self, n:int) -> GradMix:
+        "A copy that replaces at most `n` major nuclei per call (itself when `max_replace` is already at most `n`)."
+        if n < 1: raise ValueError(f'capped needs n >= 1, got {n}')
+        if self.max_replace is not None and self.max_replace <= n: return self
+        c = copy.copy(self); c.max_replace = int(n); return c
 
     def _rare_table(self, s:Sample, area:np.ndarray) -> dict:
         "Rare nuclei of `s` away from the border: ids, areas, centroids (x, y), boxes."
@@ -582,6 +600,77 @@ def augment_set(
         if path is not None: _save(path, a)
         out.append(a)
     return out
+
+# %% ../../nbs/06a_augment.ipynb #4121e972
+def _rare_ids(rare) -> tuple:
+    "`rare` (an id or ids) as a tuple of positive ints."
+    t = (rare,) if isinstance(rare, (int, np.integer)) else tuple(rare)
+    if not t or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in t):
+        raise ValueError(f'rare must be a positive type id or a list of them, got {rare!r}')
+    return tuple(int(v) for v in t)
+
+def rare_change(
+    before:Sample, # the input of an augmentation
+    a:Augmented, # its result
+    rare:int|Sequence[int], # the rare type id(s)
+) -> dict:
+    "`{'added': a, 'lost': l, 'new_ids': output ids of the new rare nuclei, 'kept': {input id: output id}}` (see above)."
+    rare = _rare_ids(rare)
+    if not before.has_types or not a.sample.has_types: raise LabelError(f'{source_name(before, "sample")}: rare_change needs typed samples')
+    r_in = (np.flatnonzero(np.isin(before.inst_types, rare)) + 1).tolist()
+    kept = {int(r['source_id']): int(r['id']) for r in a.record['instances'] if r['source'] == 0 and r['op'] == 'kept'}
+    survive = {kept[i] for i in r_in if i in kept}  # output ids of R_in ∩ K
+    r_out = (np.flatnonzero(np.isin(a.sample.inst_types, rare)) + 1).tolist()
+    new = sorted(set(r_out) - survive)
+    return {'added': len(r_out) - len(survive), 'lost': len(r_in) - len(survive), 'new_ids': new, 'kept': kept}
+
+def _check_targets(aug:Augmentation, rare:tuple):
+    "Refuse a Copy-Paste or GradMix set up for other types than `rare`."
+    if isinstance(aug, CopyPaste) and (aug.types is None or not set(aug.types) <= set(rare)):
+        raise ValueError(f'insert_rare: {aug!r} pastes types {aug.types}; pass CopyPaste(types={rare}) to insert rare nuclei only')
+    if isinstance(aug, GradMix) and aug.rare_type not in rare:
+        raise ValueError(f'insert_rare: GradMix(rare_type={aug.rare_type}) inserts type {aug.rare_type}, not one of the rare types {list(rare)}')
+
+def insert_rare(
+    augmentation:Augmentation, # CutMix(), CopyPaste(types=rare), GradMix(rare_type=...) or any method that adds nuclei
+    samples:Sequence[Sample], # the training set (typed samples)
+    k:int, # rare nuclei to insert over the whole set
+    rare:int|Sequence[int], # the rare type id(s), e.g. `nucbook.data.datasets.rare_types(name)`
+    seed:int=0, # seeds the order of the images and every application
+    max_passes:int=10, # passes over the set at most
+) -> tuple[list[Sample], dict]:
+    "Insert `k` rare nuclei over `samples` with `augmentation`: `(augmented set, same length and order; report)` (see above)."
+    samples, rare = list(samples), _rare_ids(rare)
+    if int(k) != k or k < 0: raise ValueError(f'k must be a whole number >= 0, got {k}')
+    if max_passes < 1: raise ValueError(f'max_passes must be >= 1, got {max_passes}')
+    if not samples: raise ValueError('insert_rare: no samples')
+    for i, s in enumerate(samples):
+        if not s.has_types: raise LabelError(f'{source_name(s, f"samples[{i}]")}: insert_rare needs typed samples')
+    _check_targets(augmentation, rare)
+    n, k, cur = len(samples), int(k), list(samples)
+    ins = [set() for _ in range(n)]  # per image: output ids of the inserted nuclei still present
+    rep = dict(method=augmentation.name, config=jsonable(augmentation.config()), k=k, rare=list(rare), seed=seed,
+               max_passes=max_passes, inserted=0, lost=0, applications=0, passes=0, exhausted=False, stopped='k reached',
+               refused={'added none': 0, 'overshoot': 0}, per_pass=[], log=[])
+    while rep['inserted'] < k:
+        if rep['passes'] == max_passes: rep['stopped'] = 'max_passes'; break
+        p = rep['passes']; rep['passes'] += 1; gained = 0
+        for i in np.random.default_rng([seed, p]).permutation(n).tolist():
+            left = k - rep['inserted']
+            if left == 0: break
+            aug = augmentation.capped(left) or augmentation
+            a = aug(cur[i], np.random.default_rng([seed, p, i]), cur)
+            ch = rare_change(cur[i], a, rare)
+            if ch['added'] < 1: rep['refused']['added none'] += 1; continue
+            if ch['added'] > left: rep['refused']['overshoot'] += 1; continue
+            ins[i] = {ch['kept'][j] for j in ins[i] if j in ch['kept']} | set(ch['new_ids'])
+            cur[i] = a.sample; gained += ch['added']
+            rep['inserted'] += ch['added']; rep['lost'] += ch['lost']; rep['applications'] += 1
+            rep['log'].append({'pass': p, 'index': i, 'added': ch['added'], 'lost': ch['lost']})
+        rep['per_pass'].append(gained)
+        if gained == 0: rep['exhausted'], rep['stopped'] = True, 'exhausted'; break
+    rep['inserted_ids'] = [[i, j] for i in range(n) for j in sorted(ins[i])]
+    return cur, rep
 
 # %% ../../nbs/06a_augment.ipynb #2b883f0a
 AUGMENTATIONS = {c.name: c for c in (MixUp, CutOut, CutMix, CowOut, CowMix, CopyPaste, GradMix)}

@@ -20,15 +20,18 @@ from ..core import atomic_write_json, current_run_dir
 from ..data.synth import synth_dataset, SYNTH_CLASSES
 from ..data.datasets import (resolve_dataset, load_dataset, load_manifest, dataset_dir, load_own_folder,
                                    own_split_dirs, own_folder_config, seeded_split, split_summary, mpp_summary, class_map)
+from ..data.sample import LabelError, instance_centroids, source_name
+from ..eval.metrics import pair_centroids
 from ..augment.mix import Augmentation, as_transform
 from ..models.hovernet import HoVerNet, load_encoder_weights
-from ..engine.train import Trainer, TrainConfig
-from ..engine.infer import evaluate_model
+from ..engine.train import Trainer, TrainConfig, weights_path
+from ..engine.infer import evaluate_model, predict_sample
 
 # %% auto #0
-__all__ = ['SPLIT_NAMES', 'PROTOCOL_SCHEDULE', 'PAPER_KEYS', 'PAPER_SETTING', 'Splits', 'load_splits', 'row_folder', 'scores',
-           'train_and_evaluate', 'summarise', 'format_summary', 'check_paper', 'paper_table', 'run_record',
-           'reproduction_gaps', 'run_label']
+__all__ = ['SPLIT_NAMES', 'PROTOCOL_SCHEDULE', 'METRIC_PATTERN', 'PAPER_KEYS', 'PAPER_SETTING', 'Splits', 'load_splits',
+           'row_folder', 'scores', 'train_and_evaluate', 'summarise', 'format_summary', 'check_paper', 'paper_table',
+           'run_record', 'reproduction_gaps', 'run_label', 'class_count_table', 'warm_start_protocol',
+           'baseline_weights', 'label_fidelity']
 
 # %% ../../nbs/09b_bench.ipynb #7face7e2
 SPLIT_NAMES = {'dsb2018': ('stage1_train', 'stage1_test')} # registered datasets whose train / test splits have other names
@@ -183,15 +186,23 @@ def row_folder(
     "Folder name of one row and seed: '+SSD+BgP' and 1 -> 'plus-SSDplus-BgP-seed1' (as the InsMix notebook names them)."
     return re.sub(r'[^A-Za-z0-9_.=-]+', '_', row.replace('+', 'plus-')) + f'-seed{seed}'
 
+_MEAN_SCORES = (('dice', 'dice1'), ('aji', 'aji'), ('dq', 'dq'), ('sq', 'sq'), ('pq', 'pq'), ('mpq', 'mpq')) # key, metrics-table column
+_POOLED_SCORES = re.compile(r'^(f1_d|acc|f1_c_\d+)$') # classification columns of the pooled rows
+
 def scores(
     table:pd.DataFrame, # metrics table of `evaluate_model` / `nucbook.eval.metrics.evaluate`
 ) -> dict:
-    "`{'dice_all', 'aji_all', 'pq_all', 'dice_<group>', ...}` in % from a metrics table's mean rows (mPQ too when typed)."
+    """In %, per group ('all' and each test group): `dice_<g>`, `aji_<g>`, `dq_<g>`, `sq_<g>`, `pq_<g>` (and `mpq_<g>`
+    when typed) from the mean rows; for typed runs `f1_d_<g>`, `acc_<g>`, `f1_c_<t>_<g>` from the pooled rows."""
     out = {}
     for _, r in table[table['kind'] == 'mean'].iterrows():
         g = r['group'] if isinstance(r.get('group'), str) else 'all'
-        for name, col in (('dice', 'dice1'), ('aji', 'aji'), ('pq', 'pq'), ('mpq', 'mpq')):
+        for name, col in _MEAN_SCORES:
             if col in r and pd.notna(r[col]): out[f'{name}_{g}'] = float(r[col]) * 100
+    for _, r in table[table['kind'] == 'pooled'].iterrows():
+        g = r['group'] if isinstance(r.get('group'), str) else 'all'
+        for col in r.index:
+            if _POOLED_SCORES.match(str(col)) and pd.notna(r[col]): out[f'{col}_{g}'] = float(r[col]) * 100
     return out
 
 def _fingerprint(samples:list) -> str:
@@ -226,16 +237,25 @@ def train_and_evaluate(
     device:str|None=None, # 'cpu', 'cuda' or 'auto' (None: the trainer's choice)
     encoder_weights:str|Path|None=None, # ImageNet weights file of the paper-size encoder
     record:dict|None=None, # provenance stored with the result (e.g. `run_record(...)`)
+    init_from:str|Path|None=None, # start from these weights (warm start: `baseline_weights(...)` for the augmented rows)
+    offline:str|dict|None=None, # what `train` is when it is an offline-augmented set (e.g. `insert_rare`'s method, k, seed)
 ) -> dict:
     """Train the common segmenter with `augmentation` and score it on `test`: `{row, seed, dice_all, aji_all, pq_all,
     dice_<group>, ..., train_s, eval_s, seconds, cached}` (scores in %). A finished row is read back, not retrained."""
     cfg = replace(_as_config(cfg), seed=seed)
+    if init_from is not None:
+        if cfg.init_weights is not None and str(cfg.init_weights) != str(init_from):
+            raise ValueError(f'init_from {init_from} and the settings\' init_weights {cfg.init_weights} differ: give one of them')
+        cfg = replace(cfg, init_weights=str(init_from))
+    init = None if cfg.init_weights is None else str(cfg.init_weights)
     overlap = window // 4 if overlap is None else overlap
     out = Path(out_dir if out_dir is not None else current_run_dir() / 'seg') / row_folder(row, seed)
+    train_cfg = {k: v for k, v in asdict(cfg).items() if k not in _CFG_IGNORED and k != 'init_weights'} # init_weights: as init_from
+    if not train_cfg['snapshot_epochs']: del train_cfg['snapshot_epochs'] # at its default left out (rows finished before it existed)
     setting = dict(row=row, seed=seed, model_size=model_size, n_types=n_types, aug_p=aug_p,
-                   baseline=augmentation is None, window=window, overlap=overlap, postprocess=postprocess,
-                   encoder_weights=str(encoder_weights) if encoder_weights else None,
-                   train={k: v for k, v in asdict(cfg).items() if k not in _CFG_IGNORED},
+                   baseline=augmentation is None and offline is None, window=window, overlap=overlap, postprocess=postprocess,
+                   encoder_weights=str(encoder_weights) if encoder_weights else None, init_from=init, offline=offline,
+                   train=train_cfg,
                    train_data=_fingerprint(train), test_data=_fingerprint(test), val_data=_fingerprint(val or []))
     setting = json.loads(json.dumps(setting, default=str))
     done = out / 'eval.json'
@@ -259,17 +279,18 @@ def train_and_evaluate(
     table.to_csv(out / 'test_metrics.csv', index=False)
     res = dict(row=row, seed=seed, **scores(table), n_train=len(train), n_test=len(test), epochs=cfg.epochs,
                model_size=model_size, augmentation=None if aug is None else repr(aug), aug_p=aug_p if aug is not None else None,
-               train_s=round(t1 - t0, 2), eval_s=round(t2 - t1, 2), seconds=round(t2 - t0, 2), folder=str(out))
+               train_s=round(t1 - t0, 2), eval_s=round(t2 - t1, 2), seconds=round(t2 - t0, 2), folder=str(out),
+               **({'init_from': init} if init else {}), **({'offline': setting['offline']} if offline is not None else {}))
     atomic_write_json(done, dict(result=res, setting=setting, record=record))
     return {**res, 'cached': False}
 
 # %% ../../nbs/09b_bench.ipynb #7efe0928
-_METRIC = re.compile(r'^(dice|aji|pq|mpq)_')
+METRIC_PATTERN = re.compile(r'^(dice|aji|dq|sq|pq|mpq|f1_d|acc|f1_c_\d+)_') # result columns that are metrics (what `scores` writes)
 
 def summarise(
     results, # per-seed results: a DataFrame or a list of `train_and_evaluate` dicts (columns row, seed, metrics)
     baseline:str|None='Baseline', # row the deltas are taken against (None, or not in the results: no deltas)
-    metrics:list|None=None, # metric columns (default: every dice_*, aji_*, pq_*, mpq_* column)
+    metrics:list|None=None, # metric columns (default: every column `METRIC_PATTERN` matches: dice_*, aji_*, dq_*, sq_*, pq_*, mpq_*, f1_d_*, acc_*, f1_c_<t>_*)
     rows:list|None=None, # rows to keep, in this order (default: all, in order of first appearance)
 ) -> pd.DataFrame:
     "Per row: mean and sample std (ddof=1) over seeds of each metric, delta of the mean over the baseline's, n_seeds."
@@ -278,7 +299,7 @@ def summarise(
     if 'seed' in df and df.duplicated(['row', 'seed']).any():
         dup = df[df.duplicated(['row', 'seed'], keep=False)][['row', 'seed']].drop_duplicates().values.tolist()
         raise ValueError(f'results hold the same row and seed twice: {dup}')
-    metrics = list(metrics or [c for c in df.columns if _METRIC.match(str(c)) and pd.api.types.is_numeric_dtype(df[c])])
+    metrics = list(metrics or [c for c in df.columns if METRIC_PATTERN.match(str(c)) and pd.api.types.is_numeric_dtype(df[c])])
     order = [r for r in (rows or dict.fromkeys(df['row'])) if r in set(df['row'])]
     g = df.groupby('row', sort=False)
     mean, std = g[metrics].mean(), g[metrics].std(ddof=1)
@@ -381,37 +402,47 @@ def run_record(
 # %% ../../nbs/09b_bench.ipynb #3da14d23
 PAPER_SETTING = dict(profile='paper', model_size='paper', epochs=PROTOCOL_SCHEDULE['epochs'], std_aug='hovernet') # what a run reproducing a paper table ran (std_aug: `TrainConfig.augment`)
 
+def _warm(ws:dict) -> str: return f"{ws['epochs']} epochs from the baseline's epoch {ws['snapshot']}"
+
 def reproduction_gaps(
     record:dict, # what `run_record` returned (or a `metrics.json` holding it)
     paper_dataset:str|list|None=None, # the dataset(s) the paper reports on (default: the record's `paper_dataset`)
+    paper_setting:dict|None=None, # the paper's own setting where it differs from `PAPER_SETTING` (default: the record's `paper_setting`), e.g. `{'epochs': 100, 'warm_start': {'snapshot': 50, 'epochs': 50}}`
 ) -> list[str]:
-    """Every way the run departs from the paper setting (`PAPER_SETTING` on the paper's dataset, with its split and,
-    where recorded, an ImageNet-initialised encoder and the full standard augmentation); empty for a reproduction run."""
+    """Every way the run departs from the paper setting (`PAPER_SETTING` updated by `paper_setting`, on the paper's
+    dataset, with its split and, where recorded, an ImageNet-initialised encoder, the full standard augmentation and
+    the warm start of the augmented rows); empty for a reproduction run."""
     if not isinstance(record, dict): raise TypeError(f'reproduction_gaps: expected the dict of run_record, got {type(record).__name__}')
     paper_dataset = record.get('paper_dataset') if paper_dataset is None else paper_dataset
+    ps = {**PAPER_SETTING, **((record.get('paper_setting') or {}) if paper_setting is None else paper_setting)}
     papers = [] if paper_dataset is None else [paper_dataset] if isinstance(paper_dataset, str) else [str(d) for d in paper_dataset]
     kind, name, split = record.get('dataset_kind'), record.get('dataset_resolved'), record.get('split') or {}
     out, prof, size, ep = [], record.get('profile'), record.get('model_size'), record.get('epochs')
-    if prof != PAPER_SETTING['profile']: out.append(f'{prof} profile' if prof else 'profile not recorded')
+    if prof != ps['profile']: out.append(f'{prof} profile' if prof else 'profile not recorded')
     if kind == 'synthetic': out.append('synthetic data')
     elif not papers: out.append("the paper's dataset not given")
     elif name not in papers: out.append(f"{'own folder' if kind == 'folder' else name}, not the paper's {' / '.join(papers)}")
     elif split.get('method') == 'seeded': out.append("a seeded split, not the paper's")
     if split.get('limit') is not None: out.append(f"at most {split['limit']} images per split")
-    if size != PAPER_SETTING['model_size']: out.append(f'{size} segmenter, not paper size' if size else 'segmenter size not recorded')
-    if ep is not None and ep != PAPER_SETTING['epochs']: out.append(f"{ep} epoch{'' if ep == 1 else 's'}, not {PAPER_SETTING['epochs']}")
-    if 'encoder_weights' in record and not record['encoder_weights'] and size == PAPER_SETTING['model_size']:
+    if size != ps['model_size']: out.append(f'{size} segmenter, not paper size' if size else 'segmenter size not recorded')
+    if ep is not None and ep != ps['epochs']: out.append(f"{ep} epoch{'' if ep == 1 else 's'}, not {ps['epochs']}")
+    ws, ws_p = record.get('warm_start'), ps.get('warm_start')
+    if ws_p and not ws: out.append(f'augmented rows trained from scratch, not {_warm(ws_p)}')
+    elif ws and not ws_p: out.append(f'augmented rows {_warm(ws)}, not trained from scratch')
+    elif ws and (ws['snapshot'], ws['epochs']) != (ws_p['snapshot'], ws_p['epochs']): out.append(f'augmented rows {_warm(ws)}, not {_warm(ws_p)}')
+    if 'encoder_weights' in record and not record['encoder_weights'] and size == ps['model_size']:
         out.append('encoder from scratch, not ImageNet weights')
-    if 'std_aug' in record and record['std_aug'] != PAPER_SETTING['std_aug']:
-        out.append(f"{record['std_aug']!r} standard augmentation, not {PAPER_SETTING['std_aug']!r}")
+    if 'std_aug' in record and record['std_aug'] != ps['std_aug']:
+        out.append(f"{record['std_aug']!r} standard augmentation, not {ps['std_aug']!r}")
     return out
 
 def run_label(
     record:dict, # what `run_record` returned (or a `metrics.json` holding it)
     paper_dataset:str|list|None=None, # the dataset(s) the paper reports on (default: the record's `paper_dataset`)
+    paper_setting:dict|None=None, # see `reproduction_gaps`
 ) -> str:
-    """One line saying what ran, built from the record alone: dataset, profile, segmenter size, epochs, seeds, and
-    'NOT a reproduction (why)' unless `reproduction_gaps` finds nothing."""
+    """One line saying what ran, built from the record alone: dataset, profile, segmenter size, epochs (and the warm
+    start of the augmented rows), seeds, and 'NOT a reproduction (why)' unless `reproduction_gaps` finds nothing."""
     if not isinstance(record, dict): raise TypeError(f'run_label: expected the dict of run_record, got {type(record).__name__}')
     kind, name, split = record.get('dataset_kind'), record.get('dataset_resolved'), record.get('split') or {}
     if not kind or not name:
@@ -421,7 +452,111 @@ def run_label(
     seeds = record.get('seeds')
     parts = [data, f"{record.get('profile') or 'unrecorded'} profile",
              f"{record.get('segmenter', 'HoVer-Net')} ({record.get('model_size') or 'size not recorded'})"]
-    if record.get('epochs') is not None: parts.append(f"{record['epochs']} epoch{'' if record['epochs'] == 1 else 's'}")
+    if record.get('epochs') is not None:
+        ws = record.get('warm_start')
+        parts.append(f"{record['epochs']} epoch{'' if record['epochs'] == 1 else 's'}" + (f' (augmented rows: {_warm(ws)})' if ws else ''))
     parts.append('seeds not recorded' if not seeds else f'seed {seeds[0]}' if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}")
-    gaps = reproduction_gaps(record, paper_dataset)
+    gaps = reproduction_gaps(record, paper_dataset, paper_setting)
     return ', '.join(parts) + (f" — NOT a reproduction ({'; '.join(gaps)})" if gaps else '')
+
+# %% ../../nbs/09b_bench.ipynb #abcbd0c2
+def class_count_table(
+    sets:dict, # set name -> list of Samples, e.g. {'Original': train, 'CutMix (k=600)': cutmix_train}
+    classes:dict, # {type id: name} (0 = background, left out): `Splits.classes`, `class_map(dataset)`
+) -> pd.DataFrame:
+    "Nuclei per class (columns, by name) and in total, per set (rows): the form of NucleiMix's Tables 1 and 2."
+    cls = {int(k): str(v) for k, v in classes.items() if int(k) != 0}
+    if not cls: raise ValueError(f'class_count_table: no nucleus class in {classes}')
+    ids = sorted(cls); rows = {}
+    for name, samples in sets.items():
+        counts = dict.fromkeys(ids, 0)
+        for i, s in enumerate(samples):
+            where = f'{name}: {source_name(s, f"image {i}")}'
+            if not s.has_types: raise LabelError(f'{where} has no nucleus types')
+            t, n = np.unique(np.asarray(s.inst_types, np.int64), return_counts=True)
+            bad = sorted(set(t.tolist()) - set(ids))
+            if bad: raise LabelError(f'{where} has nuclei of types {bad}, not classes of {cls}')
+            for v, c in zip(t.tolist(), n.tolist()): counts[v] += c
+        rows[str(name)] = [counts[c] for c in ids] + [sum(counts.values())]
+    out = pd.DataFrame.from_dict(rows, orient='index', columns=[cls[c] for c in ids] + ['total'])
+    out.index.name = 'set'
+    out.attrs['images'] = {str(k): len(v) for k, v in sets.items()}
+    return out
+
+# %% ../../nbs/09b_bench.ipynb #64c61491
+def warm_start_protocol(
+    schedule:dict, # `TrainConfig` fields of the baseline run: its `epochs` E and the rest (lr, T_0, eta_min, ...)
+    snapshot:int|None=None, # the epoch S whose weights start the augmented rows (default E // 2: NucleiMix's 50 of 100)
+) -> dict:
+    "`{'baseline': settings (E epochs, keeping epoch S), 'augmented': settings (E - S epochs), 'snapshot': S, 'record': {...}}`."
+    s = dict(schedule)
+    if 'epochs' not in s: raise ValueError('warm_start_protocol: the schedule needs its epochs')
+    clash = [k for k in ('snapshot_epochs', 'init_weights') if s.get(k)]
+    if clash: raise ValueError(f'warm_start_protocol sets {clash} itself; leave them out of the schedule')
+    E = int(s['epochs']); S = E // 2 if snapshot is None else int(snapshot)
+    if not 1 <= S < E: raise ValueError(f'the snapshot epoch must be in 1..{E - 1} (the baseline trains {E} epochs), got {S}')
+    T0 = s.get('T_0', TrainConfig.T_0)
+    if S % T0: warnings.warn(f'snapshot epoch {S} is not a multiple of T_0 = {T0}: the augmented rows restart the cosine schedule '
+                             "where the baseline's does not", stacklevel=2)
+    return dict(baseline={**s, 'snapshot_epochs': (S,)}, augmented={**s, 'epochs': E - S}, snapshot=S,
+                record=dict(epochs=E, warm_start=dict(snapshot=S, epochs=E - S)))
+
+def baseline_weights(
+    out_dir:str|Path|None, # the `out_dir` of `train_and_evaluate` (the rows' parent folder; None: `<run dir>/seg`)
+    seed:int, # the seed: each seed's augmented rows start from the same seed's baseline
+    epoch:int, # the snapshot epoch S (`warm_start_protocol(...)['snapshot']`)
+    row:str='Baseline', # the baseline row's name
+) -> Path:
+    "The weights the baseline row of `seed` kept at the end of `epoch`: `out_dir/<row_folder(row, seed)>/weights_epoch<epoch>.pt`."
+    return weights_path(Path(out_dir if out_dir is not None else current_run_dir() / 'seg') / row_folder(row, seed), epoch)
+
+# %% ../../nbs/09b_bench.ipynb #90805654
+def label_fidelity(
+    model:torch.nn.Module|None, # the segmenter trained on real data only (a HoVer-Net with a type branch); unused with `predict`
+    samples:list, # the augmented set (typed Samples)
+    inserted:list, # (sample index, instance id) of each inserted nucleus, e.g. `insert_rare(...)[1]['inserted_ids']`
+    radius:float=12.0, # pairing radius (px)
+    predict:Callable|None=None, # `predict(sample) -> Sample` with predicted instances and types (default: `predict_sample` with `model`)
+    window:int=256, # sliding-window size of the default predictor
+    overlap:int|None=None, # overlap of its windows (default `window // 4`)
+    **kwargs, # more `predict_sample` settings: postprocess, device, batch_size, ...
+) -> dict:
+    """`n_inserted`, `n_found`, `n_typed` and the shares `found`, `found_typed` of the inserted nuclei; the same for the
+    real nuclei of their types in those images (`real_*`); `n_images` predicted."""
+    if predict is None:
+        if model is None: raise ValueError('label_fidelity: give the model or a predict function')
+        ov = window // 4 if overlap is None else overlap
+        predict = lambda s: predict_sample(model, s, window=window, overlap=ov, **kwargs)
+    by_image = {}
+    for j, pair in enumerate(inserted):
+        i, iid = (int(v) for v in pair)
+        if not 0 <= i < len(samples): raise ValueError(f'inserted[{j}] = ({i}, {iid}): no sample {i} (there are {len(samples)})')
+        s = samples[i]
+        if not s.has_types: raise LabelError(f'{source_name(s, f"samples[{i}]")}: label_fidelity needs typed samples')
+        if not 1 <= iid <= s.n_instances: raise ValueError(f'inserted[{j}] = ({i}, {iid}): {source_name(s, f"samples[{i}]")} has no instance {iid} (it has {s.n_instances})')
+        if iid in by_image.setdefault(i, set()): raise ValueError(f'inserted[{j}] = ({i}, {iid}) is listed twice')
+        by_image[i].add(iid)
+    n = {'ins': [0, 0, 0], 'real': [0, 0, 0]}  # labelled, found, found and typed
+    typed = True
+    for i in sorted(by_image):
+        s = samples[i]; p = predict(s)
+        t_types = np.asarray(s.inst_types, np.int64)
+        p_types = None if p.inst_types is None else np.asarray(p.inst_types, np.int64)
+        typed &= p_types is not None
+        pairs, _, _ = pair_centroids(instance_centroids(s.inst_map), instance_centroids(p.inst_map), radius)
+        match = dict(zip(pairs[:, 0].tolist(), pairs[:, 1].tolist()))  # true index -> predicted index
+        ins = sorted(by_image[i]); kinds = set(t_types[[k - 1 for k in ins]].tolist())
+        real = [k for k in range(1, s.n_instances + 1) if k not in by_image[i] and t_types[k - 1] in kinds]
+        for key, ids in (('ins', ins), ('real', real)):
+            for k in ids:
+                m = match.get(k - 1); c = n[key]
+                c[0] += 1; c[1] += m is not None
+                c[2] += bool(m is not None and p_types is not None and p_types[m] == t_types[k - 1])
+    share = lambda a, b: float(a / b) if b else float('nan')
+    out = {}
+    for key, pre in (('ins', ''), ('real', 'real_')):
+        lab, found, ok = n[key]
+        out.update({f'{pre}n' if pre else 'n_inserted': lab, f'{pre}n_found': found, f'{pre}n_typed': ok if typed else None,
+                    f'{pre}found': share(found, lab), f'{pre}found_typed': share(ok, lab) if typed else float('nan')})
+    out['n_images'] = len(by_image)
+    return out

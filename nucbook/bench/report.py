@@ -12,7 +12,7 @@ import json, re
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .protocol import summarise, paper_table, check_paper
+from .protocol import summarise, paper_table, check_paper, METRIC_PATTERN
 
 # %% auto #0
 __all__ = ['read_runs', 'summarise_over', 'compare_table']
@@ -68,13 +68,13 @@ def read_runs(
     return out
 
 # %% ../../nbs/09c_report.ipynb #86055870
-_METRIC = re.compile(r'^(dice|aji|pq|mpq)_')
+_METRIC = METRIC_PATTERN # the metric columns `scores` writes
 
 def summarise_over(
     results:pd.DataFrame, # per-seed results (what `read_runs` returns): columns row, `over`, metrics (seed optional)
     over:str='param.fold', # the column whose values are the units (folds) the mean and std are taken over
     baseline:str|None='Baseline', # row the deltas are taken against (None or absent: no deltas)
-    metrics:list|None=None, # metric columns (default: every dice_*, aji_*, pq_*, mpq_* column)
+    metrics:list|None=None, # metric columns (default: every metric column, `METRIC_PATTERN`)
     rows:list|None=None, # rows to keep, in this order (default: all, in order of first appearance)
 ) -> pd.DataFrame:
     """Per row: mean over seeds within each unit, then mean and sample std (ddof=1) over the units and the delta over

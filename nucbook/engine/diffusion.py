@@ -25,12 +25,15 @@ from ..data.sample import Sample
 from ..data.crops import pad_to
 from .loop import ResumableLoop, Stateful, data_identity, step_seed
 from ..models.unet import DIFFUSION_SIZES, make_unet, SemanticUNet, make_semantic_unet, is_semantic
+from ..models.adm import ADMUNet, adm_config, load_adm, save_adm
 
 # %% auto #0
-__all__ = ['to_model_range', 'to_uint8', 'label_channels', 'n_classes_of', 'patch_batch', 'make_noise_scheduler',
-           'diffusion_loss', 'drop_labels', 'ema_weights', 'save_diffusion', 'load_diffusion', 'DiffusionRun',
-           'train_diffusion', 'cfg_combine', 'predict_eps', 'ddim_scheduler', 'patch_seeds', 'randn_per_patch',
-           'ddim_sample', 'patch_fid_kid']
+__all__ = ['ADM_WEIGHTS', 'to_model_range', 'to_uint8', 'label_channels', 'n_classes_of', 'patch_batch', 'make_noise_scheduler',
+           'model_side', 'split_output', 'diffusion_loss', 'drop_labels', 'GaussianTerms', 'gaussian_terms',
+           'schedule_terms', 'q_posterior', 'predict_x0', 'respace', 'learned_log_variance', 'p_mean_variance',
+           'normal_kl', 'approx_standard_normal_cdf', 'discretized_gaussian_log_likelihood', 'vlb_bits', 'ema_weights',
+           'save_diffusion', 'load_diffusion', 'DiffusionRun', 'train_diffusion', 'cfg_combine', 'predict_eps',
+           'ddim_scheduler', 'patch_seeds', 'randn_per_patch', 'ddim_sample', 'patch_fid_kid']
 
 # %% ../../nbs/09_diffusion.ipynb #8e7261ba
 def to_model_range(
@@ -100,19 +103,49 @@ def make_noise_scheduler(
     "The training noise schedule (diffusers `DDPMScheduler`, epsilon prediction)."
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type='epsilon')
 
+# %% ../../nbs/09_diffusion.ipynb #f1fabe40
+def model_side(
+    model, # UNet2DModel, SemanticUNet or ADMUNet
+) -> int:
+    "The patch side a diffusion model is built for: `config.sample_size` (diffusers models) or `image_size` (ADMUNet)."
+    cfg = getattr(model, 'config', None)
+    side = getattr(cfg, 'sample_size', None) if cfg is not None else None
+    if side is None: side = getattr(model, 'image_size', None)
+    if isinstance(side, (tuple, list)) and len(set(side)) == 1: side = side[0]
+    if not isinstance(side, int):
+        raise ValueError(f'{type(model).__name__} has no patch side (neither config.sample_size nor image_size): pass the size')
+    return side
+
+def split_output(
+    out, # a model's output: an object with `.sample` (diffusers) or a tensor N x C x H x W (ADMUNet)
+    channels:int=3, # image channels
+) -> tuple[torch.Tensor, torch.Tensor|None]:
+    "(eps, v) of a model output; v, the variance values in [-1, 1], is None unless the model predicts a variance."
+    out = getattr(out, 'sample', out)
+    if out.ndim != 4 or out.shape[1] not in (channels, 2 * channels):
+        raise ValueError(f'a model output must be N x {channels} x H x W (eps) or N x {2 * channels} x H x W (eps, v), '
+                         f'got {tuple(out.shape)}')
+    return (out, None) if out.shape[1] == channels else (out[:, :channels], out[:, channels:])
+
 # %% ../../nbs/09_diffusion.ipynb #d0cf7295
 def diffusion_loss(
-    model, # UNet2DModel or SemanticUNet
+    model, # UNet2DModel, SemanticUNet or ADMUNet
     noise_scheduler:DDPMScheduler, # gives alpha-bar_t
     y0:torch.Tensor, # clean patches N x 3 x H x W in [-1, 1]
     t:torch.Tensor, # timesteps (N,)
     epsilon:torch.Tensor, # the noise, like y0
     x:torch.Tensor|None=None, # label maps (semantic model; rows of zeros = null label)
-) -> torch.Tensor:
-    "DDPM noise-prediction loss of one batch."
+    return_terms:bool=False, # also return the terms {'mse': L_simple, 'vlb': the weighted L_vlb} as floats
+) -> torch.Tensor|tuple[torch.Tensor, dict]:
+    "DDPM noise-prediction loss of one batch; guided-diffusion's hybrid L_simple + L_vlb when the model learns its variance."
     y_t = noise_scheduler.add_noise(y0, epsilon, t)  # sqrt(abar_t) y0 + sqrt(1 - abar_t) eps
-    eps_theta = (model(y_t, t, x) if is_semantic(model) else model(y_t, t)).sample
-    return F.mse_loss(eps_theta.float(), epsilon.float())
+    eps_theta, v = split_output(model(y_t, t, x) if is_semantic(model) else model(y_t, t), y0.shape[1])
+    mse = F.mse_loss(eps_theta.float(), epsilon.float())
+    if v is None: return (mse, {'mse': mse.item()}) if return_terms else mse
+    # hybrid (see "Learned variance" below): p_theta's mean from the detached eps, so L_vlb trains the variance only
+    T = noise_scheduler.config.num_train_timesteps
+    vlb = vlb_bits(schedule_terms(noise_scheduler), y0.float(), y_t.float(), t, eps_theta.detach().float(), v.float()).mean() * (T / 1000)
+    return (mse + vlb, {'mse': mse.item(), 'vlb': vlb.item()}) if return_terms else mse + vlb
 
 def drop_labels(
     x:torch.Tensor, # label maps N x C x H x W
@@ -124,24 +157,183 @@ def drop_labels(
     dropped = torch.rand(x.shape[0], generator=generator) < p_uncond
     return x * (~dropped).to(x.dtype)[:, None, None, None].to(x.device), dropped
 
+# %% ../../nbs/09_diffusion.ipynb #93d4661f
+@dataclass
+class GaussianTerms:
+    "Per-step constants of a DDPM chain (float64); step k runs the model at training timestep `timesteps[k]`."
+    timesteps: torch.Tensor # (K,) training timestep of each step (0..T-1 for the training chain)
+    beta: torch.Tensor # beta_k of this chain (respaced: 1 - abar_k / abar_{k-1})
+    abar: torch.Tensor # alpha-bar_k
+    abar_prev: torch.Tensor # alpha-bar_{k-1}, 1 for k = 0
+    beta_tilde: torch.Tensor # posterior variance (1 - abar_{k-1}) / (1 - abar_k) beta_k, 0 for k = 0
+    log_beta_tilde: torch.Tensor # its log, clipped at k = 0 to log beta_tilde_1 (guided-diffusion)
+    coef_x0: torch.Tensor # sqrt(abar_{k-1}) beta_k / (1 - abar_k)
+    coef_xt: torch.Tensor # sqrt(alpha_k) (1 - abar_{k-1}) / (1 - abar_k)
+
+    @property
+    def log_beta(self): return self.beta.log()
+    @property
+    def sqrt_recip_abar(self): return self.abar.rsqrt()
+    @property
+    def sqrt_recipm1_abar(self): return (1 / self.abar - 1).sqrt()
+
+    def at(self,
+           name:str, # a field or property
+           k:int|torch.Tensor, # step(s): an int or (N,)
+           like:torch.Tensor, # gives the device and the number of dimensions to broadcast to
+          ) -> torch.Tensor:
+        "Field `name` at steps `k`, float32, shaped N x 1 x 1 x ... to broadcast against `like`."
+        k = torch.as_tensor(k).long().cpu().reshape(-1)
+        return getattr(self, name)[k].float().to(like.device).reshape(-1, *[1] * (like.ndim - 1))
+
+def gaussian_terms(
+    betas:torch.Tensor|Sequence[float], # beta_k of the chain, k = 0..K-1
+    timesteps:torch.Tensor|Sequence[int]|None=None, # training timestep of each step (default 0..K-1)
+) -> GaussianTerms:
+    "The posterior constants of the chain with these betas (float64)."
+    b = torch.as_tensor(betas, dtype=torch.float64).reshape(-1)
+    if not len(b) or not bool(((b > 0) & (b <= 1)).all()): raise ValueError(f'betas must lie in (0, 1], got {b.tolist()[:8]}')
+    abar = torch.cumprod(1 - b, 0); abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    beta_tilde = b * (1 - abar_prev) / (1 - abar)
+    log_bt = torch.cat([(beta_tilde[1:2] if len(b) > 1 else b[:1]).log(), beta_tilde[1:].log()])
+    ts = torch.arange(len(b)) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.long).reshape(-1)
+    if len(ts) != len(b): raise ValueError(f'{len(ts)} timesteps for {len(b)} betas')
+    return GaussianTerms(ts, b, abar, abar_prev, beta_tilde, log_bt, b * abar_prev.sqrt() / (1 - abar),
+                         (1 - b).sqrt() * (1 - abar_prev) / (1 - abar))
+
+def schedule_terms(
+    noise_scheduler:DDPMScheduler, # the training schedule
+) -> GaussianTerms:
+    "`GaussianTerms` of the training schedule (all T steps)."
+    return gaussian_terms(noise_scheduler.betas)
+
+def q_posterior(
+    terms:GaussianTerms, # the chain
+    x0:torch.Tensor, # clean image (or its estimate)
+    x_t:torch.Tensor, # noisy image at step k
+    k:int|torch.Tensor, # step(s)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    "Mean and (clipped) log-variance of q(x_{k-1} | x_k, x_0)."
+    return terms.at('coef_x0', k, x_t) * x0 + terms.at('coef_xt', k, x_t) * x_t, terms.at('log_beta_tilde', k, x_t)
+
+def predict_x0(
+    terms:GaussianTerms, # the chain
+    x_t:torch.Tensor, # noisy image at step k
+    k:int|torch.Tensor, # step(s)
+    eps:torch.Tensor, # predicted noise
+) -> torch.Tensor:
+    "x0_hat = (x_t - sqrt(1 - abar_k) eps) / sqrt(abar_k), written as guided-diffusion does."
+    return terms.at('sqrt_recip_abar', k, x_t) * x_t - terms.at('sqrt_recipm1_abar', k, x_t) * eps
+
+# %% ../../nbs/09_diffusion.ipynb #77baaa72
+def respace(
+    noise_scheduler:DDPMScheduler, # the training schedule
+    steps:int, # K, steps of the respaced chain (1..T)
+) -> GaussianTerms:
+    "`GaussianTerms` of the chain that keeps `steps` evenly spaced training timesteps (guided-diffusion's respacing)."
+    T = noise_scheduler.config.num_train_timesteps
+    if not 1 <= steps <= T: raise ValueError(f'steps must be in 1..{T}, got {steps}')
+    taus = [T - 1] if steps == 1 else sorted({round(i * (T - 1) / (steps - 1)) for i in range(steps)})
+    abar = schedule_terms(noise_scheduler).abar[taus]
+    return gaussian_terms(1 - abar / torch.cat([abar.new_ones(1), abar[:-1]]), taus)
+
+# %% ../../nbs/09_diffusion.ipynb #2b43957b
+def learned_log_variance(
+    v:torch.Tensor, # the model's variance values in [-1, 1], N x C x H x W
+    terms:GaussianTerms, # the chain
+    k:int|torch.Tensor, # step(s)
+) -> torch.Tensor:
+    "log Sigma_theta = f log beta_k + (1 - f) log beta_tilde_k, f = (v + 1) / 2 (guided-diffusion's LEARNED_RANGE)."
+    f = (v + 1) / 2
+    return f * terms.at('log_beta', k, v) + (1 - f) * terms.at('log_beta_tilde', k, v)
+
+def p_mean_variance(
+    terms:GaussianTerms, # the chain
+    k:int|torch.Tensor, # step(s)
+    x_t:torch.Tensor, # noisy image at step k
+    eps:torch.Tensor, # predicted noise
+    v:torch.Tensor|None=None, # predicted variance values (None: the model has none, use beta_tilde)
+    clip:bool=False, # clip x0_hat to [-1, 1] (sampling) before taking the posterior mean
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "(mean, log-variance, x0_hat) of p_theta(x_{k-1} | x_k)."
+    x0_hat = predict_x0(terms, x_t, k, eps)
+    if clip: x0_hat = x0_hat.clamp(-1, 1)
+    mean = q_posterior(terms, x0_hat, x_t, k)[0]
+    log_var = learned_log_variance(v, terms, k) if v is not None else terms.at('log_beta_tilde', k, x_t).expand_as(x_t)
+    return mean, log_var, x0_hat
+
+# %% ../../nbs/09_diffusion.ipynb #9f5b060d
+def normal_kl(
+    mean1:torch.Tensor, # mean of the first Gaussian (the true posterior)
+    logvar1:torch.Tensor, # its log-variance
+    mean2:torch.Tensor, # mean of the second (the model's); all four broadcastable
+    logvar2:torch.Tensor, # its log-variance
+) -> torch.Tensor:
+    "Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats."
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+# %% ../../nbs/09_diffusion.ipynb #e9d4b633
+def approx_standard_normal_cdf(
+    u:torch.Tensor, # standardised values
+) -> torch.Tensor:
+    "Phi(u) ~ (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))) / 2 (the approximation guided-diffusion uses)."
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
+
+def discretized_gaussian_log_likelihood(
+    x:torch.Tensor, # 8-bit data rescaled to [-1, 1]
+    means:torch.Tensor, # Gaussian means, like x
+    log_scales:torch.Tensor, # log standard deviations (0.5 log-variance), broadcastable
+) -> torch.Tensor:
+    "Elementwise log-probability (nats) of the 1/127.5-wide bin of `x` under N(means, exp(log_scales)^2)."
+    if x.shape != means.shape: raise ValueError(f'x {tuple(x.shape)} and means {tuple(means.shape)} differ')
+    c, inv_s = x - means, torch.exp(-log_scales)
+    cdf_plus, cdf_min = approx_standard_normal_cdf(inv_s * (c + 1 / 255)), approx_standard_normal_cdf(inv_s * (c - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+# %% ../../nbs/09_diffusion.ipynb #51ad737b
+def vlb_bits(
+    terms:GaussianTerms, # the chain (the training schedule)
+    x0:torch.Tensor, # clean patches
+    x_t:torch.Tensor, # noised patches at steps k
+    k:torch.Tensor, # (N,) steps
+    eps:torch.Tensor, # predicted noise (detach it for the hybrid loss: then only `v` gets a gradient)
+    v:torch.Tensor, # predicted variance values in [-1, 1]
+) -> torch.Tensor:
+    "L_vlb per sample, bits/dim: KL(q(x_{k-1}|x_k,x_0) || p_theta(x_{k-1}|x_k)) for k > 0, the decoder NLL of x_0 at k = 0."
+    mean_q, log_var_q = q_posterior(terms, x0, x_t, k)
+    mean_p, log_var_p, _ = p_mean_variance(terms, k, x_t, eps, v)
+    kl = normal_kl(mean_q, log_var_q, mean_p, log_var_p).flatten(1).mean(1) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * log_var_p).flatten(1).mean(1) / math.log(2.0)
+    return torch.where(torch.as_tensor(k, device=x0.device).reshape(-1) == 0, nll, kl)
+
 # %% ../../nbs/09_diffusion.ipynb #e36ef0d4
+ADM_WEIGHTS = 'adm.pt' # file name of an ADMUNet's weights in a `save_diffusion` folder (a guided-diffusion state dict)
+
 def ema_weights(model, ema:EMAModel):
     "A copy of `model` carrying the EMA weights."
     m = copy.deepcopy(model); ema.copy_to(m.parameters()); return m
 
 def save_diffusion(
     path:str|Path, # folder to (re)write
-    model, # UNet2DModel or SemanticUNet
+    model, # UNet2DModel, SemanticUNet or ADMUNet
     noise_scheduler:DDPMScheduler, # the training schedule
     ema:EMAModel|None=None, # if given, its weights are saved (the weights to sample from)
 ) -> Path:
-    "Save `path/unet` and `path/scheduler` in diffusers' `save_pretrained` layout, replacing `path` atomically."
+    "Save `path/unet` and `path/scheduler` (diffusers' layouts; an ADMUNet as config.json + guided-diffusion state dict), atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.'))
     try:
-        (model if ema is None else ema_weights(model, ema)).save_pretrained(tmp/'unet')
+        m = model if ema is None else ema_weights(model, ema)
+        if isinstance(m, ADMUNet):  # guided-diffusion key layout: `load_adm(path/'unet'/ADM_WEIGHTS, config)` reads it
+            (tmp/'unet').mkdir()
+            (tmp/'unet'/'config.json').write_text(json.dumps({'_class_name': 'ADMUNet', **m.args}, indent=2))
+            save_adm(m, tmp/'unet'/ADM_WEIGHTS)
+        else: m.save_pretrained(tmp/'unet')
         noise_scheduler.save_pretrained(tmp/'scheduler')
-        if not is_semantic(model):  # stock diffusers can load it: DDPMPipeline.from_pretrained(path)
+        if not is_semantic(model) and not isinstance(model, ADMUNet):  # stock diffusers can load it: DDPMPipeline.from_pretrained(path)
             (tmp/'model_index.json').write_text(json.dumps({'_class_name': 'DDPMPipeline', 'unet': ['diffusers', 'UNet2DModel'],
                                                             'scheduler': ['diffusers', 'DDPMScheduler']}, indent=2))
         old = path.with_name(f'.{path.name}.old')
@@ -158,7 +350,10 @@ def load_diffusion(
     "(model, noise_scheduler) from a `save_diffusion` folder; the model class is read from its config."
     path = Path(path); cfg = path/'unet'/'config.json'
     if not cfg.exists(): raise FileNotFoundError(f'{cfg}: not a saved diffusion model (no unet/config.json)')
-    name = json.loads(cfg.read_text()).get('_class_name')
+    conf = json.loads(cfg.read_text()); name = conf.get('_class_name')
+    if name == 'ADMUNet':
+        args = {k: tuple(v) if isinstance(v, list) else v for k, v in conf.items() if not k.startswith('_')}
+        return load_adm(path/'unet'/ADM_WEIGHTS, args, device=device), DDPMScheduler.from_pretrained(path/'scheduler')
     cls = {'UNet2DModel': UNet2DModel, 'SemanticUNet': SemanticUNet}.get(name)
     if cls is None: raise ValueError(f'{cfg}: unknown model class {name!r}')
     return (cls.from_pretrained(path/'unet', low_cpu_mem_usage=False).to(device).eval(),
@@ -182,12 +377,12 @@ def _step_generator(seed:int, step:int) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, step))
 
 def train_diffusion(
-    model, # UNet2DModel or SemanticUNet, on the device to train on
+    model, # UNet2DModel, SemanticUNet or ADMUNet, on the device to train on
     samples:Sequence[Sample], # training tiles
     out_dir:str|Path, # checkpoint.pt and the final model/ go here; an existing checkpoint is resumed (same settings only)
     steps:int=1000, # total optimisation steps
     batch_size:int=8,
-    patch_size:int|None=None, # default: the model's sample_size
+    patch_size:int|None=None, # default: the model's patch side (`model_side`)
     lr:float=1e-4, # AdamW learning rate (DiffMix: 1e-4, CFG fine-tuning 2e-5)
     warmup_steps:int=0, # linear learning-rate warm-up
     p_uncond:float=0.2, # share of null labels (semantic model only; DiffMix 0.2)
@@ -203,12 +398,18 @@ def train_diffusion(
     extend:bool=False, # allow more steps than the checkpoint's run had (train a finished run on)
     max_seconds:float|None=None, # stop with a checkpoint after this many seconds; call again to continue
     progress:bool=False, # tqdm progress bar
+    init_from:str|Path|None=None, # guided-diffusion checkpoint to start an ADMUNet from (read by `load_adm` on a fresh run)
 ) -> DiffusionRun:
-    "Train a patch diffusion model with the DDPM objective on a `ResumableLoop` (resumed from `out_dir/checkpoint.pt`)."
+    "Train a patch diffusion model with the DDPM (or, learned variance, hybrid) objective on a `ResumableLoop`."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     noise_scheduler = noise_scheduler or make_noise_scheduler()
     device = next(model.parameters()).device
-    size = patch_size or model.config.sample_size
+    size = patch_size or model_side(model)
+    adm = isinstance(model, ADMUNet)
+    if init_from is not None:
+        if not adm: raise ValueError(f'init_from names a guided-diffusion checkpoint: the model must be an ADMUNet, not {type(model).__name__}')
+        if not (out_dir/'checkpoint.pt').exists():  # fresh run (a resumed one continues from its own weights)
+            model.load_state_dict(load_adm(init_from, model.args).state_dict())
     semantic = is_semantic(model)
     if semantic:
         n_classes = n_classes if n_classes is not None else model.config.label_channels - 2
@@ -223,6 +424,7 @@ def train_diffusion(
                     ema_decay=ema_decay, p_uncond=p_uncond if semantic else None, n_classes=n_classes if semantic else None,
                     amp=amp, model=model, data=data_identity(samples),
                     noise_schedule={k: v for k, v in noise_scheduler.config.items() if not k.startswith('_')})
+    if adm: settings.update(adm=model.args, init_from=None if init_from is None else str(init_from))
     T = noise_scheduler.config.num_train_timesteps
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
@@ -233,11 +435,12 @@ def train_diffusion(
         epsilon = torch.randn(y0.shape, generator=g)
         if semantic: x = drop_labels(x, p_uncond, g)[0].to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == 'bf16'):
-            loss = diffusion_loss(model, noise_scheduler, y0.to(device), t.to(device), epsilon.to(device), x)
+            loss, terms = diffusion_loss(model, noise_scheduler, y0.to(device), t.to(device), epsilon.to(device), x,
+                                         return_terms=True)
         opt.zero_grad(set_to_none=True); loss.backward()
         if grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step(); sched.step(); ema.step(model.parameters())
-        return {'loss': loss.item()}
+        return {'loss': loss.item(), **({k: terms[k] for k in ('mse', 'vlb')} if 'vlb' in terms else {})}
 
     log = get_logger('nucbook.engine.diffusion')
     def after_step(loop, terms):
@@ -263,7 +466,7 @@ def cfg_combine(
     return eps_u + s * (eps_c - eps_u)
 
 def predict_eps(
-    model, # UNet2DModel or SemanticUNet
+    model, # UNet2DModel, SemanticUNet or ADMUNet
     y_t:torch.Tensor, # noisy patches N x 3 x H x W
     t:torch.Tensor|int, # timestep(s)
     x:torch.Tensor|None=None, # label maps (semantic model); None = unconditional
@@ -274,7 +477,7 @@ def predict_eps(
     if t.ndim == 0: t = t.expand(y_t.shape[0])
     if not is_semantic(model):
         if x is not None: raise ValueError('an unconditional model takes no label map')
-        return model(y_t, t).sample
+        return split_output(model(y_t, t), y_t.shape[1])[0]  # an ADMUNet's variance channels are not used here
     if x is None or s == 0: return model(y_t, t, None).sample
     if s == 1: return model(y_t, t, x).sample
     eps = model(torch.cat([y_t, y_t]), torch.cat([t, t]), torch.cat([x, torch.zeros_like(x)])).sample
@@ -316,7 +519,7 @@ def randn_per_patch(shape, gens) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(
-    model, # UNet2DModel or SemanticUNet (its device is used)
+    model, # UNet2DModel, SemanticUNet or ADMUNet (its device is used)
     noise_scheduler:DDPMScheduler, # the training schedule
     n:int|None=None, # number of patches from pure noise (default: len(y0) or len(x))
     steps:int=50, # DDIM steps of the full schedule
@@ -326,7 +529,7 @@ def ddim_sample(
     x:torch.Tensor|None=None, # label maps N x C x H x W (semantic model)
     s:float=1.0, # classifier-free guidance scale (DiffMix 1.5)
     seed:int|Sequence[int]=0, # int: patch i gets seed+i; or one seed per patch
-    size:int|None=None, # patch side when sampling from noise (default: model sample_size)
+    size:int|None=None, # patch side when sampling from noise (default: `model_side(model)`)
     batch_size:int=16, # patches per forward pass
     solver:str='ddim', # 'ddim' (DDIMScheduler) or 'dpm++' (2nd-order multistep DPM-Solver++, deterministic)
 ) -> torch.Tensor:
@@ -338,7 +541,7 @@ def ddim_sample(
     if n is None: raise ValueError('give n, y0 or x')
     if y0 is not None and len(y0) != n: raise ValueError(f'{len(y0)} start patches for n={n}')
     if x is not None and len(x) != n: raise ValueError(f'{len(x)} label maps for n={n}')
-    size = size or model.config.sample_size
+    size = size or model_side(model)
     shape = tuple(y0.shape[1:]) if y0 is not None else (3, size, size) if x is None else (3, *x.shape[-2:])
     timesteps = _solver(noise_scheduler, steps, solver).timesteps; begin = 0
     if start_step is not None:

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, RePaintScheduler
-from .diffusion import randn_per_patch, patch_seeds, ddim_scheduler, is_semantic, to_model_range, to_uint8
+from .diffusion import (randn_per_patch, patch_seeds, ddim_scheduler, is_semantic, to_model_range, to_uint8,
+                                      model_side, split_output, respace, p_mean_variance)
 
 # %% auto #0
 __all__ = ['mcg_inpaint', 'repaint', 'inpaint_image']
@@ -28,44 +29,57 @@ def _check_inputs(model, y, mask):
 
 # %% ../../nbs/09a_inpaint.ipynb #0846a939
 def mcg_inpaint(
-    model, # unconditional UNet2DModel (its device is used)
+    model, # unconditional UNet2DModel or ADMUNet (its device is used)
     noise_scheduler:DDPMScheduler, # the training schedule
     y:torch.Tensor, # measured patches N x 3 x H x W in [-1, 1] (values under the mask are ignored)
     mask:torch.Tensor, # bool N x 1 x H x W (or N x H x W), True = pixels to fill
-    steps:int=50, # DDIM steps (NucleiMix: 250)
-    eta:float=1.0, # DDIM eta of f + g z (1: DDPM-like)
+    steps:int=50, # sampler steps (NucleiMix: 250)
+    eta:float=1.0, # DDIM eta of f + g z (1: DDPM-like); sampler='ddim' only
     alpha:float=1.0, # MCG step size (0: plain replacement sampler)
     squared:bool=False, # gradient of the squared norm (Eq. 9 as printed) instead of the norm (Chung et al.'s code)
     seed:int|Sequence[int]=0, # int: patch i gets seed+i; or one seed per patch
     batch_size:int=8,
+    sampler:str='ddim', # 'ddim' (DDIM step with eta) or 'ddpm' (ancestral step on the respaced chain, learned variance if any)
 ) -> torch.Tensor:
     "Inpaint `mask` in `y` with MCG; pixels outside the mask are returned bit-identical to `y`."
     mask = _check_inputs(model, y, mask)
+    if sampler not in ('ddim', 'ddpm'): raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'ddpm'")
     device = next(model.parameters()).device
-    ddim = ddim_scheduler(noise_scheduler, steps)
-    abar = ddim.alphas_cumprod
+    if sampler == 'ddim':
+        ddim = ddim_scheduler(noise_scheduler, steps)
+        abar, timesteps = ddim.alphas_cumprod, ddim.timesteps
+    else:
+        chain = respace(noise_scheduler, steps); timesteps = chain.timesteps.flip(0)
     seeds = patch_seeds(seed, len(y)); out = []
     for b in range(0, len(y), batch_size):
         gens = [torch.Generator().manual_seed(sd) for sd in seeds[b:b + batch_size]]
         yb = y[b:b + batch_size].float().to(device); known = ~mask[b:b + batch_size].to(device)
         x = randn_per_patch(yb.shape[1:], gens).to(device)
-        for t in ddim.timesteps:
+        for j, t in enumerate(timesteps):
+            k = len(timesteps) - 1 - j  # step of the respaced chain (sampler='ddpm')
+            a_t = abar[t] if sampler == 'ddim' else chain.at('abar', k, yb)
             x = x.detach().requires_grad_(alpha > 0)
             with torch.enable_grad() if alpha > 0 else torch.no_grad():
-                eps = model(x, t.to(device)).sample
+                eps, v = split_output(model(x, t.to(device)), yb.shape[1])
                 # Eq. 8: Tweedie estimate of x0
-                x0_hat = (x - (1 - abar[t]) ** 0.5 * eps) / abar[t] ** 0.5
+                x0_hat = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
                 if alpha > 0:
                     r = (known * (yb - x0_hat)).flatten(1)
                     loss = (r ** 2).sum() if squared else torch.linalg.vector_norm(r, dim=1).sum()
                     grad = torch.autograd.grad(loss, x)[0]
             # Eq. 9: f(x_i, s_theta) + g z, minus alpha times the gradient
-            z = randn_per_patch(yb.shape[1:], gens).to(device) if eta > 0 else None
-            x_prev = ddim.step(eps.detach(), t, x.detach(), eta=eta, variance_noise=z).prev_sample
+            if sampler == 'ddim':
+                z = randn_per_patch(yb.shape[1:], gens).to(device) if eta > 0 else None
+                x_prev = ddim.step(eps.detach(), t, x.detach(), eta=eta, variance_noise=z).prev_sample
+                t_prev = int(t) - ddim.config.num_train_timesteps // ddim.num_inference_steps
+                abar_prev = abar[t_prev] if t_prev >= 0 else ddim.final_alpha_cumprod
+            else:
+                z = randn_per_patch(yb.shape[1:], gens).to(device)
+                mean, log_var, _ = p_mean_variance(chain, k, x.detach(), eps.detach(), None if v is None else v.detach(), clip=True)
+                x_prev = mean + torch.exp(0.5 * log_var) * z if k > 0 else mean
+                abar_prev = chain.at('abar_prev', k, yb)
             if alpha > 0: x_prev = x_prev - alpha * grad
             # Eq. 10: data consistency with the measurement noised to step i-1
-            t_prev = int(t) - ddim.config.num_train_timesteps // ddim.num_inference_steps
-            abar_prev = abar[t_prev] if t_prev >= 0 else ddim.final_alpha_cumprod
             y_prev = abar_prev ** 0.5 * yb + (1 - abar_prev) ** 0.5 * randn_per_patch(yb.shape[1:], gens).to(device)
             x = torch.where(known, y_prev, x_prev)
         # Eq. 11: x0 = (I - H^T H) x'_0 + H^T y
@@ -75,7 +89,7 @@ def mcg_inpaint(
 # %% ../../nbs/09a_inpaint.ipynb #204ae8e0
 @torch.no_grad()
 def repaint(
-    model, # unconditional UNet2DModel (its device is used)
+    model, # unconditional UNet2DModel or ADMUNet (its device is used)
     noise_scheduler:DDPMScheduler, # the training schedule
     y:torch.Tensor, # measured patches N x 3 x H x W in [-1, 1]
     mask:torch.Tensor, # bool N x 1 x H x W (or N x H x W), True = pixels to fill
@@ -101,7 +115,8 @@ def repaint(
         t_last = rp.timesteps[0] + 1
         for t in rp.timesteps:
             if t < t_last:  # reverse step, known part from the forward process
-                x = rp.step(model(x, t.to(device)).sample, t, x, yb, known.float(), generator=gens).prev_sample
+                eps = split_output(model(x, t.to(device)), yb.shape[1])[0]  # RePaint uses its own (fixed) variance
+                x = rp.step(eps, t, x, yb, known.float(), generator=gens).prev_sample
             else:  # jump back: x_{t} ~ q(x_t | x_{t-1})
                 x = rp.undo_step(x, t_last, generator=gens)
             t_last = t
@@ -110,12 +125,12 @@ def repaint(
 
 # %% ../../nbs/09a_inpaint.ipynb #daa754c1
 def inpaint_image(
-    model, # unconditional UNet2DModel
+    model, # unconditional UNet2DModel or ADMUNet
     noise_scheduler:DDPMScheduler, # the training schedule
     image:np.ndarray, # uint8 RGB H x W x 3
     mask:np.ndarray, # bool H x W, True = pixels to fill
     method:str='mcg', # 'mcg' or 'repaint'
-    tile:int|None=None, # tile side (default: model sample_size)
+    tile:int|None=None, # tile side (default: the model's patch side, `model_side`)
     pad_value:int=255, # padding colour (NucleiMix pads with white)
     seed:int=0, # tile k gets seed + k
     batch_size:int=8,
@@ -126,7 +141,7 @@ def inpaint_image(
     if mask.shape != image.shape[:2] or mask.dtype != bool: raise ValueError(f'mask must be bool {image.shape[:2]}, got {mask.dtype} {mask.shape}')
     fill = {'mcg': mcg_inpaint, 'repaint': repaint}.get(method)
     if fill is None: raise ValueError(f"unknown method {method!r}; choose 'mcg' or 'repaint'")
-    s = tile or model.config.sample_size; h, w = mask.shape
+    s = tile or model_side(model); h, w = mask.shape
     H, W = -(-h // s) * s, -(-w // s) * s
     img = np.full((H, W, 3), pad_value, np.uint8); img[:h, :w] = image
     msk = np.zeros((H, W), bool); msk[:h, :w] = mask

@@ -8,22 +8,23 @@ Docs: https://nucbook.github.io/nucbook/train.html.md"""
 
 # %% ../../nbs/08a_train.ipynb #8ab845d0
 from __future__ import annotations
-import math, os, random, time
+import hashlib, math, os, random, time
 from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 import numpy as np
 import torch
 import torch.distributed as dist
-from ..core import atomic_write_json, atomic_write_text, get_device, get_logger, autocast
+from ..core import atomic_write_json, atomic_write_text, get_device, get_logger, autocast, save_checkpoint, load_checkpoint
 from ..data.sample import Sample
 from ..data.crops import random_crop
 from ..augment.standard import PROFILES as STANDARD_PROFILES, StandardAugment
 from ..models.hovernet import hovernet_targets, hovernet_loss
-from .loop import ResumableLoop, data_identity, world_info
+from .loop import ResumableLoop, data_identity, world_info, model_settings, FORMAT as LOOP_FORMAT
 
 # %% auto #0
-__all__ = ['TrainConfig', 'make_optimizer', 'lr_curve', 'CropDataset', 'epoch_batches', 'Trainer', 'fit']
+__all__ = ['WEIGHTS_FORMAT', 'TrainConfig', 'make_optimizer', 'lr_curve', 'CropDataset', 'epoch_batches', 'Trainer', 'fit',
+           'weights_path', 'save_weights', 'load_weights']
 
 # %% ../../nbs/08a_train.ipynb #48494a34
 @dataclass
@@ -49,6 +50,8 @@ class TrainConfig:
     val_window:int = 256 # sliding-window size for validation predictions
     postprocess:dict|None = None # `hovernet_postprocess` settings for validation
     seed:int = 0 # seed of initialisation-independent randomness: crops, order, augmentation
+    snapshot_epochs:tuple = () # keep the model weights at the end of these epochs as `out_dir/weights_epoch<n>.pt` (a warm start's source)
+    init_weights:str|None = None # start from these weights (`weights_epoch<n>.pt`, `last.pt`, `best.pt` or a state dict); fresh optimiser and schedule
     # how the run is executed (free to change between the calls of a resumed run)
     progress:bool = True # tqdm progress bar
     channels_last:bool = True # channels-last memory format (faster on CUDA, and on CPU with oneDNN)
@@ -169,6 +172,12 @@ class Trainer:
         self.model = model
         self.typed = getattr(model, 'n_types', None) is not None
         self.dataset = CropDataset(self.train_set, self.cfg, self.online, typed=self.typed)
+        snaps = self.cfg.snapshot_epochs
+        if not isinstance(snaps, (tuple, list)) or not all(isinstance(e, (int, np.integer)) and 1 <= e <= self.cfg.epochs for e in snaps):
+            raise ValueError(f'snapshot_epochs must be a tuple of epochs in 1..{self.cfg.epochs}, got {snaps!r}')
+        if self.cfg.init_weights is not None and not Path(self.cfg.init_weights).is_file():
+            raise FileNotFoundError(f'{self.cfg.init_weights}: init_weights file not found (train the run that writes it first, '
+                                    'e.g. with snapshot_epochs)')
         self._own_group = False
         if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
             on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == 'cuda')
@@ -217,6 +226,7 @@ class Trainer:
         self.amp = amp
         self.channels_last = cfg.channels_last
         raw = _unwrap(self.model).to(self.device)
+        if cfg.init_weights: load_weights(raw, cfg.init_weights)  # a resumed run then loads its checkpoint over them
         if self.channels_last: raw = raw.to(memory_format=torch.channels_last)
         self.raw_model = raw
         self.opt, self.sched = make_optimizer(raw, cfg, self.steps_per_epoch)
@@ -230,7 +240,12 @@ class Trainer:
 
     def settings(self) -> dict:
         "Everything that shapes this run's result, as checked on resume (after `_setup`, which resolves `amp`)."
-        return {**{k: v for k, v in asdict(self.cfg).items() if k not in _HOW}, 'amp': self.amp, 'model': self.raw_model,
+        cfg = {k: v for k, v in asdict(self.cfg).items() if k not in _HOW}
+        for k in ('snapshot_epochs', 'init_weights'):  # at their defaults left out: checkpoints from before these fields resume
+            if not cfg[k]: del cfg[k]
+        if self.cfg.init_weights:
+            cfg['init_weights'] = str(self.cfg.init_weights); cfg['init_weights_sha1'] = _file_sha1(self.cfg.init_weights)
+        return {**cfg, 'amp': self.amp, 'model': self.raw_model,
                 'data': {'train': data_identity(self.train), 'extra_train': data_identity(self.extra_train)},
                 'online': self.online, 'world': self.world, 'steps_per_epoch': self.steps_per_epoch}
 
@@ -314,6 +329,8 @@ class Trainer:
         ep.rows.append(row)
         if row.get('val_aji', -math.inf) > ep.best:
             ep.best = row['val_aji']; loop.save_copy(self.out_dir/'best.pt')
+        if self.epoch in set(cfg.snapshot_epochs) and self.rank == 0:  # before the epoch's checkpoint: never a checkpoint without it
+            save_weights(weights_path(self.out_dir, self.epoch), self.raw_model, epoch=self.epoch, step=loop.step)
         self._write_logs(); loop.request_checkpoint()
         self._t_epoch, self._steps_here = time.perf_counter(), 0
 
@@ -353,3 +370,50 @@ def fit(
     cfg = kwargs.pop('cfg', None) or TrainConfig()
     cfg = replace(cfg, **{k: v for k, v in kwargs.items() if k not in tkeys})
     return Trainer(model, train, val, cfg, out_dir, **{k: v for k, v in kwargs.items() if k in tkeys}).fit(resume, extend)
+
+# %% ../../nbs/08a_train.ipynb #ddbef194
+WEIGHTS_FORMAT = 'nucbook.engine.train/weights/1'
+
+def weights_path(
+    out_dir:str|Path, # a training run's folder
+    epoch:int, # the epoch at whose end the weights were kept
+) -> Path:
+    "Where a run keeps the weights of `epoch` (`TrainConfig.snapshot_epochs`): `out_dir/weights_epoch<epoch>.pt`."
+    return Path(out_dir) / f'weights_epoch{int(epoch)}.pt'
+
+def save_weights(
+    path:str|Path, # destination (written atomically)
+    model:torch.nn.Module, # the model (DDP / torch.compile wrappers are looked through)
+    **info, # what to keep with them: epoch, step, ...
+):
+    "Write the model's weights (on the CPU) with `info` and the model's description, atomically."
+    m = getattr(model, '_orig_mod', model); m = getattr(m, 'module', m)
+    save_checkpoint(path, {'format': WEIGHTS_FORMAT, **info, 'model_settings': model_settings(m),
+                           'model': {k: v.detach().cpu() for k, v in m.state_dict().items()}})
+
+def load_weights(
+    model:torch.nn.Module, # the model to load into (wrappers are looked through)
+    path:str|Path, # a `save_weights` file, a loop checkpoint (`last.pt`, `best.pt`) or a bare state dict
+) -> dict:
+    "Load the weights of `path` into `model` (every key and shape must fit); returns what the file says of them (epoch, step)."
+    ck = load_checkpoint(path)
+    if isinstance(ck, dict) and ck.get('format') == WEIGHTS_FORMAT: sd, info = ck['model'], {k: ck.get(k) for k in ('epoch', 'step')}
+    elif isinstance(ck, dict) and ck.get('format') == LOOP_FORMAT and 'model' in ck.get('state', {}): sd, info = ck['state']['model'], {'step': ck['step']}
+    elif isinstance(ck, Mapping) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()): sd, info = ck, {}
+    else: raise ValueError(f'{path}: not model weights (expected a save_weights file, a training checkpoint or a state dict)')
+    m = getattr(model, '_orig_mod', model); m = getattr(m, 'module', m)
+    own = m.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}' for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or extra or shapes:
+        show = lambda xs: ', '.join(xs[:3]) + (f' (+{len(xs) - 3})' if len(xs) > 3 else '')
+        raise ValueError(f'{path}: the weights do not fit the {type(m).__name__}: ' + '; '.join(
+            p for p in (missing and f'missing {show(missing)}', extra and f'unexpected {show(extra)}', shapes and f'shapes (file vs model) {show(shapes)}') if p))
+    m.load_state_dict(sd)
+    return info
+
+def _file_sha1(path:str|Path) -> str:
+    h = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()[:16]

@@ -153,6 +153,11 @@ class ADMUNet(nn.Module):
         bad = [r for r in attention_resolutions if r <= 0 or image_size % r]
         if bad: raise ValueError(f'ADMUNet: attention_resolutions {bad} do not divide image_size {image_size}')
         self.image_size, self.in_channels, self.model_channels = image_size, in_channels, model_channels
+        # the constructor arguments, as `adm_config` gives them (what a saved model's config.json holds)
+        self.args = dict(image_size=image_size, in_channels=in_channels, model_channels=model_channels, learn_sigma=learn_sigma,
+                         num_res_blocks=num_res_blocks, attention_resolutions=tuple(attention_resolutions),
+                         channel_mult=tuple(channel_mult), num_heads=num_heads, num_head_channels=num_head_channels,
+                         use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown, dropout=dropout)
         self.out_channels = in_channels * (2 if learn_sigma else 1)
         self.levels = len(channel_mult)
         attn_ds = {image_size // r for r in attention_resolutions}
