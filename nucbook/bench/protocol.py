@@ -11,6 +11,7 @@ Docs: https://nucbook.github.io/nucbook/bench.html.md"""
 from __future__ import annotations
 import hashlib, json, re, time, warnings
 from dataclasses import dataclass, field, asdict, replace, fields
+from typing import Callable
 from pathlib import Path
 import numpy as np
 import pandas as pd
