@@ -389,6 +389,81 @@ def build_adm_mcg(ctx:Ctx) -> Job:
                note=f"{steps} ddpm steps per call (of NucleiMix's 250); patches/s; probes at {ppx} px")
 
 
+SDM_PRESETS_GC = ('diffmix_consep', 'tiny')  # SDM preset of the GPU run, of the smoke run
+
+
+def _sdm_setup(ctx:Ctx):
+    """The authors' SDM UNet (DiffMix's network, `nucbook.models.sdm`): preset 'diffmix_consep' (652,256,518 parameters,
+    6 label channels) on the GPU, 'tiny' in the smoke run. Built on the device directly, then every zero-initialised conv
+    gets a default init (as `_adm_setup`), so the equality probes compare non-zero eps, v."""
+    SDMUNet, sdm_config = need('SDMUNet', 'nucbook.models.sdm'), need('sdm_config', 'nucbook.models.sdm')
+    torch.manual_seed(0)
+    with torch.device(ctx.device): model = SDMUNet(**sdm_config(ctx.pick(*SDM_PRESETS_GC)))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) and not m.weight.any(): m.reset_parameters()
+    return model
+
+
+def build_sdm(ctx:Ctx) -> Job:
+    """SDM UNet, one `train_diffusion` step: label maps through SPADE (one of them the null map), hybrid loss (learned
+    variance) under bf16 autocast, AdamW, clip, EMA. Batch 8 like adm-256 (the authors: 16, with fp16 and gradient
+    checkpointing)."""
+    diffusion_loss, make_noise_scheduler = need('diffusion_loss', 'nucbook.engine.diffusion'), need('make_noise_scheduler', 'nucbook.engine.diffusion')
+    from diffusers.training_utils import EMAModel
+    bs, px, ppx, n_classes = ctx.pick(8, 2), ctx.pick(256, 64), ctx.pick(64, 32), 4
+    model = _sdm_setup(ctx)
+    n_par = sum(p.numel() for p in model.parameters())
+    sched = make_noise_scheduler(); sched.alphas_cumprod = sched.alphas_cumprod.to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    ema = EMAModel(model.parameters(), decay=0.9999)
+    g = ctx.gen(3)
+    y0 = (torch.rand(bs, 3, px, px, generator=g) * 2 - 1).to(ctx.device)
+    t = torch.randint(sched.config.num_train_timesteps, (bs,), generator=g); t[0] = 0  # the decoder-NLL branch too
+    t = t.to(ctx.device)
+    eps = torch.randn(bs, 3, px, px, generator=g).to(ctx.device)
+    x = _label_maps(bs, px, n_classes, g); x[-1] = 0  # a null label, as classifier-free guidance training drops them
+    x = x.to(ctx.device)
+
+    def step():
+        model.train()
+        with ctx.autocast(): loss = diffusion_loss(model, sched, y0, t, eps, x)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); ema.step(model.parameters())
+
+    def probe(models, device, bf16):
+        gp = ctx.gen(4)
+        yp = torch.randn(1, 3, ppx, ppx, generator=gp).to(device); tp = torch.tensor([500], device=device)
+        lab = _label_maps(1, ppx, n_classes, gp).to(device)
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            return models['sdm'](yp, tp, lab).float().flatten()  # eps and the variance values
+    return Job(step, bs, bs, px, ctx.pick('bf16', 'fp32'), {'sdm': model}, probe,
+               note=f'{n_par:,} params, label maps via SPADE, hybrid loss, AdamW + EMA; probes at {ppx} px')
+
+
+def build_sdm_ddim(ctx:Ctx) -> Job:
+    """DiffMix's sampler with the SDM: real patches noised to step 54 of 100 (the authors' leading timesteps, t = 540),
+    DDIM under classifier-free guidance s = 1.5 (two network evaluations per step, one batched pass); a few of the 55
+    steps per call. `ddim_sample` autocasts to bf16 by itself on CUDA."""
+    ddim_sample = need('ddim_sample', 'nucbook.engine.diffusion')
+    make_noise_scheduler = need('make_noise_scheduler', 'nucbook.engine.diffusion')
+    model = _sdm_setup(ctx).eval(); sched = make_noise_scheduler()
+    n, px, ppx, n_classes = ctx.pick(8, 1), ctx.pick(256, 64), ctx.pick(64, 32), 4
+    steps_run = ctx.pick(5, 2)  # the last `steps_run` of the 55: start_step = steps_run - 1
+    g = ctx.gen(12)
+    y0 = (torch.rand(n, 3, px, px, generator=g) * 2 - 1).to(ctx.device)
+    lab = _label_maps(n, px, n_classes, g).to(ctx.device)
+    kw = dict(steps=100, s=1.5, spacing='leading', batch_size=n)
+    step = lambda: ddim_sample(model, sched, y0=y0, start_step=steps_run - 1, x=lab, seed=0, **kw)
+
+    def probe(models, device, bf16):
+        gp = ctx.gen(13)
+        yp = (torch.rand(1, 3, ppx, ppx, generator=gp) * 2 - 1).to(device); lp = _label_maps(1, ppx, n_classes, gp).to(device)
+        return ddim_sample(models['sdm'], sched, y0=yp, start_step=1, x=lp, seed=1, **{**kw, 'batch_size': 1}).float().flatten()
+    return Job(step, n, n, px, ctx.pick('bf16', 'fp32'), {'sdm': model}, probe, probe_fp32_on_device=False,
+               note=f"{steps_run} guided DDIM steps per call ({2 * steps_run} network evaluations; DiffMix runs 55); patches/s; probes at {ppx} px")
+
+
 # Append an Entry here to add a model to `make gpu-check`.
 REGISTRY = [
     Entry('hovernet', build_hovernet),
@@ -400,6 +475,8 @@ REGISTRY = [
     Entry('mcg-inpaint', build_mcg, steps=3, warmup=1),
     Entry('adm-256', build_adm, steps=10, warmup=2),
     Entry('adm-mcg', build_adm_mcg, steps=3, warmup=1),
+    Entry('sdm-256', build_sdm, steps=10, warmup=2),
+    Entry('sdm-ddim', build_sdm_ddim, steps=3, warmup=1),
 ]
 
 

@@ -7,8 +7,9 @@ Docs: https://nucbook.github.io/nucbook/cli.html.md"""
 
 # %% ../nbs/00a_cli.ipynb #c2983f26
 from __future__ import annotations
-import argparse, ast, hashlib, itertools, json, os, re, subprocess, sys, tempfile, threading, time, warnings
+import argparse, ast, fcntl, hashlib, itertools, json, math, os, re, signal, socket, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -17,13 +18,22 @@ from .core import (PROFILES, PROGRESS_ENV, PROGRESS_EVERY_ENV, RUN_DIR_ENV, form
                           new_run_dir)
 
 # %% auto #0
-__all__ = ['RunError', 'project_root', 'find_notebook', 'parse_value', 'notebook_parameters', 'check_parameters',
-           'absolute_paths', 'run_notebook', 'load_grid', 'run_name', 'run_is_done', 'gather_results', 'run_batch',
-           'main']
+__all__ = ['BUSY_EXIT', 'SLURM_DEFAULTS', 'RunError', 'RunBusy', 'Stopped', 'project_root', 'find_notebook', 'parse_value',
+           'notebook_parameters', 'check_parameters', 'absolute_paths', 'run_notebook', 'lock_holder', 'run_lock',
+           'load_grid', 'config_hash', 'run_name', 'run_is_done', 'gather_results', 'run_batch', 'parse_time_limit',
+           'slurm_options', 'slurm_parameters', 'SlurmRun', 'main']
 
 # %% ../nbs/00a_cli.ipynb #71a34ebb
 class RunError(Exception):
     "A notebook run that could not start or did not finish; the message says why."
+
+class RunBusy(RunError):
+    "A run folder that a live `nucbook run` works in (it holds the folder's `.lock`)."
+
+class Stopped(KeyboardInterrupt):
+    "A command stopped by Ctrl-C or a signal; `args`: the signal's name, then what was stopped."
+
+BUSY_EXIT = 75 # exit status of `nucbook run` when its folder is busy (EX_TEMPFAIL: try again later)
 
 def project_root(start:str|Path|None=None) -> Path:
     "The nbdev project folder: the nearest parent of `start` (default: cwd) with a `[tool.nbdev]` pyproject, else the package's parent."
@@ -141,7 +151,7 @@ class _Tail:
     "The lines another process appends to `path`, passed to `fn` as they come (a thread reads every `poll` seconds)."
     def __init__(self, path:Path, fn:Callable[[str], None], poll:float=0.2):
         self.path, self.fn, self.poll = Path(path), fn, poll
-        self._pos, self._rest, self._stop = 0, b'', threading.Event()
+        self._pos, self._rest, self._stop, self._file = 0, b'', threading.Event(), None
         self._thread = threading.Thread(target=self._watch, daemon=True)
     def __enter__(self): self._thread.start(); return self
     def __exit__(self, *exc):
@@ -153,9 +163,14 @@ class _Tail:
         try: self.fn(line.decode('utf-8', 'replace'))
         except (OSError, ValueError): pass  # a closed terminal (broken pipe) must not stop the run
     def read(self):
-        "Pass on the complete lines written since the last read."
+        "Pass on the complete lines written since the last read (from the start of a new file when `path` was replaced or truncated)."
         try:
-            with open(self.path, 'rb') as f: f.seek(self._pos); data = f.read()
+            with open(self.path, 'rb') as f:
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino) != self._file or st.st_size < self._pos:  # a new log (a requeued run starts one)
+                    if self._rest: self._pass(self._rest)
+                    self._file, self._pos, self._rest = (st.st_dev, st.st_ino), 0, b''
+                f.seek(self._pos); data = f.read()
         except FileNotFoundError: return
         self._pos += len(data)
         *lines, self._rest = (self._rest + data).split(b'\n')
@@ -193,7 +208,6 @@ def run_notebook(
     progress_every:float|None=None, # seconds between two progress lines of a loop (None: $NUCBOOK_PROGRESS_EVERY, else 30)
 ) -> Path:
     "Execute `notebook` with papermill into a run folder; return the folder, or raise `RunError`."
-    import papermill as pm
     if progress_every is not None and not progress_every >= 0:
         raise RunError(f'progress_every must be a number of seconds >= 0, got {progress_every!r}')
     log = log or _print_line
@@ -203,6 +217,12 @@ def run_notebook(
     params = check_parameters(path, given)
     run_dir = _make_folder(Path(out)) if out else new_run_dir(_make_folder(Path(runs_root), 'folder of runs'), path.stem)
     run_dir = run_dir.resolve()
+    with run_lock(run_dir):  # one process per run folder; RunBusy if another one works in it
+        return _execute(path, given, params, run_dir, progress, timeout, log, progress_every)
+
+def _execute(path, given, params, run_dir, progress, timeout, log, progress_every) -> Path:
+    "The body of `run_notebook`, run while it holds the folder's lock."
+    import papermill as pm
     out_nb = run_dir/path.name
     record = dict(notebook=str(path), parameters=params, injected=given, profile=params.get('profile'),
                   seed=params.get('seed'), git=git_commit(path.parent), environment=environment_info(),
@@ -235,8 +255,8 @@ def run_notebook(
         _finish('failed', error=f'{e.ename}: {e.evalue}', failed_cell=idx, failed_cell_source=line)
         raise RunError(f'{path.name} failed in {where}\n{e.ename}: {e.evalue}\n'
                        f'{_tail_traceback(e.traceback)}\npartial output notebook: {out_nb}') from None
-    except BaseException as e:
-        _finish('failed', error=f'{type(e).__name__}: {e}')
+    except BaseException as e:  # Ctrl-C or SIGTERM (`Stopped`): status 'stopped'; the same command resumes the run
+        _finish('stopped' if isinstance(e, KeyboardInterrupt) else 'failed', error=f'{type(e).__name__}: {e}')
         if isinstance(e, Exception): raise RunError(f'{path.name} could not run: {type(e).__name__}: {e}\n'
                                                     f'partial output notebook: {out_nb}') from e
         raise
@@ -247,32 +267,92 @@ def run_notebook(
     _finish('ok')
     return run_dir
 
+# %% ../nbs/00a_cli.ipynb #dcd86b2b
+def lock_holder(
+    run_dir:str|Path, # a run folder
+) -> str|None:
+    "Who works in `run_dir` now (`pid N on HOST since TIME`), or None when no live process holds its `.lock`."
+    try: fd = os.open(Path(run_dir)/'.lock', os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError): return None
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held for an instant: `run_lock` waits that long
+        except BlockingIOError: return os.read(fd, 300).decode('utf-8', 'replace').strip() or 'another process'
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally: os.close(fd)
+
+@contextmanager
+def run_lock(
+    run_dir:str|Path, # the run folder (it must exist)
+    wait:float=1.0, # seconds to retry a held lock before giving up (`lock_holder` holds it for an instant)
+):
+    "Hold `run_dir/.lock` while a run works in the folder, or raise `RunBusy` naming the process that holds it."
+    fd = os.open(Path(run_dir)/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
+    t0 = time.monotonic()
+    while True:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+        except BlockingIOError:
+            if time.monotonic() - t0 < wait: time.sleep(0.05); continue
+            holder = os.read(fd, 300).decode('utf-8', 'replace').strip() or 'another process'
+            os.close(fd)
+            raise RunBusy(f'{run_dir} is busy: nucbook run {holder} is working in it (wait until it ends, or stop '
+                          'that process); nothing was started') from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f'pid {os.getpid()} on {socket.gethostname()} since {datetime.now().isoformat(timespec="seconds")}'.encode())
+        yield
+    finally:
+        os.ftruncate(fd, 0); os.close(fd)  # closing the file releases the lock (the OS does the same for a dead process)
+
 # %% ../nbs/00a_cli.ipynb #f3279856
+class _GridLoader(yaml.SafeLoader):
+    "YAML for grid files: times such as `1:30:00` or `2-0:00:00` stay text (YAML 1.1 reads `1:30:00` as 5400)."
+_GridLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _c in '0123456789':
+    _GridLoader.yaml_implicit_resolvers[_c].insert(0, ('tag:yaml.org,2002:str', re.compile(r'^(?:\d+-)?\d+(?::\d+)+$')))
+
 def load_grid(path:str|Path) -> dict:
-    "Read and check a grid file; return {notebook(s), profile, out, parameters, runs: [{name, notebook, parameters}]}."
+    "Read and check a grid file; return {notebook(s), profile, out, parameters, slurm, runs: [{name, notebook, parameters, profile}]}."
     path = Path(path)
-    try: g = yaml.safe_load(path.read_text())
+    try: g = yaml.load(path.read_text(), Loader=_GridLoader)
     except (OSError, yaml.YAMLError) as e: raise RunError(f'{path}: cannot read grid file: {e}') from None
     if not isinstance(g, dict): raise RunError(f'{path}: a grid file is a YAML mapping')
-    extra = set(g) - {'notebook', 'profile', 'out', 'parameters', 'grid'}
-    if extra: raise RunError(f'{path}: unknown keys {sorted(extra)} (allowed: notebook, profile, out, parameters, grid)')
+    keys = ['notebook', 'profile', 'out', 'parameters', 'grid', 'slurm']
+    extra = set(g) - set(keys)
+    if extra: raise RunError(f'{path}: unknown keys {sorted(extra)} (allowed: {", ".join(keys)})')
     grid = dict(g.get('grid') or {})
     for k, v in grid.items():
         if not isinstance(v, list) or not v: raise RunError(f'{path}: grid entry {k!r} must be a non-empty list')
     nbs = grid.pop('notebook', None) or [g.get('notebook')]
     if not all(nbs): raise RunError(f'{path}: no notebook given')
-    fixed = dict(g.get('parameters') or {})
+    slurm = g.get('slurm') or {}
+    if not isinstance(slurm, dict): raise RunError(f'{path}: `slurm` must be a mapping of options (partition, time, mem, ...), got {slurm!r}')
+    fixed, profile = dict(g.get('parameters') or {}), g.get('profile')
     runs = []
     for nb in nbs:
         for combo in itertools.product(*grid.values()) if grid else [()]:
             vals = dict(zip(grid, combo))
-            runs.append(dict(name=run_name(nb, vals), notebook=nb, parameters={**fixed, **vals}))
-    return dict(notebook=nbs, profile=g.get('profile'), out=Path(g.get('out') or Path('runs')/path.stem), runs=runs)
+            runs.append(dict(name=run_name(nb, vals, fixed, profile), notebook=nb, parameters={**fixed, **vals}, profile=profile))
+    return dict(notebook=nbs, profile=profile, out=Path(g.get('out') or Path('runs')/path.stem), parameters=fixed,
+                slurm=slurm, runs=runs)
 
-def run_name(notebook:str, values:dict) -> str:
-    "Folder name of one grid run: notebook stem and `key=value` pairs (hashed if too long)."
+def config_hash(
+    fixed:dict, # a grid's fixed parameters
+    profile:str|None=None, # its profile
+) -> str:
+    "Eight hex digits of the SHA-1 of `{\"parameters\": fixed, \"profile\": profile}` as JSON with sorted keys."
+    return hashlib.sha1(json.dumps({'parameters': fixed, 'profile': profile}, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+def run_name(
+    notebook:str, # the notebook, as the grid names it
+    values:dict, # the run's grid values
+    fixed:dict|None=None, # the grid's fixed parameters (with `profile`: adds `cfg=<config_hash>`)
+    profile:str|None=None, # the grid's profile
+) -> str:
+    "Folder name of one grid run: notebook stem, `key=value` pairs, `cfg=` hash of fixed parameters and profile (the name hashed if too long)."
     stem = Path(str(notebook)).name.removesuffix('.ipynb')
     parts = [f'{k}={json.dumps(v) if not isinstance(v, str) else v}' for k, v in values.items()]
+    if fixed is not None or profile is not None: parts.append(f'cfg={config_hash(fixed or {}, profile)}')
     name = re.sub(r'[^A-Za-z0-9_.=,+-]+', '_', '-'.join([stem, *parts]))
     return name if len(name) <= 120 else f'{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}'
 
@@ -284,21 +364,43 @@ def _flatten(d:dict, prefix='') -> dict:
         else: out[f'{prefix}{k}'] = v if not isinstance(v, list) else json.dumps(v)
     return out
 
+def _read_record(run_dir:Path) -> dict:
+    "The run's `params.json` ({} when it has none or it cannot be read)."
+    try: rec = json.loads((Path(run_dir)/'params.json').read_text())
+    except (OSError, ValueError): return {}
+    return rec if isinstance(rec, dict) else {}
+
 def run_is_done(run_dir:Path) -> bool:
     "True if `run_dir` holds a finished run (`params.json` with status ok)."
-    try: return json.loads((Path(run_dir)/'params.json').read_text()).get('status') == 'ok'
-    except (OSError, ValueError): return False
+    return _read_record(run_dir).get('status') == 'ok'
+
+def _canon(x) -> str: return json.dumps(x, sort_keys=True, default=str)
+
+def _run_state(run_dir:Path, run:dict) -> tuple[str, str]:
+    "('done' | 'busy' | 'todo' | 'other', why) for one grid run: 'other' is a folder recording other parameters than the run's."
+    holder = lock_holder(run_dir)
+    if holder: return 'busy', holder
+    rec = _read_record(run_dir)
+    if rec.get('injected') is not None:  # what `nucbook run` was given; the batch gives the run's parameters (+ profile)
+        want = absolute_paths({**run['parameters'], **({'profile': run['profile']} if run.get('profile') else {})})
+        got = rec['injected']
+        diff = [f'{k}: {got.get(k, "unset")!r} in the folder, {want.get(k, "unset")!r} in the grid'
+                for k in sorted(set(want) | set(got)) if _canon(want.get(k)) != _canon(got.get(k))]
+        if diff: return 'other', '; '.join(diff)
+    return ('done' if rec.get('status') == 'ok' else 'todo'), ''
 
 def gather_results(out:Path, runs:list) -> 'pd.DataFrame':
-    "One row per run: name, status, parameters and flattened `metrics.json`; written to `out/results.csv`."
+    "One row per run: name, status, the parameters the grid sets as that run's `params.json` records them, flattened `metrics.json`; written to `out/results.csv`."
     import pandas as pd
     rows = []
     for r in runs:
         d = out/r['name']
-        try: rec = json.loads((d/'params.json').read_text())
-        except (OSError, ValueError): rec = {}
-        row = {'run': r['name'], 'notebook': r['notebook'], 'status': rec.get('status', 'missing'),
-               **{f'param.{k}': v for k, v in r['parameters'].items()}}
+        rec = _read_record(d)
+        used = rec.get('parameters') or rec.get('injected') or {}  # the run's own record; the grid's values for a run not made yet
+        keys = [*r['parameters'], *(['profile'] if r.get('profile') else [])]
+        grid = {**r['parameters'], 'profile': r.get('profile')}
+        row = {'run': r['name'], 'notebook': r['notebook'], 'status': 'running' if lock_holder(d) else rec.get('status', 'missing'),
+               **{f'param.{k}': used[k] if k in used else grid[k] for k in keys}}
         if (d/'metrics.json').exists(): row.update(_flatten(json.loads((d/'metrics.json').read_text())))
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -309,17 +411,35 @@ def gather_results(out:Path, runs:list) -> 'pd.DataFrame':
     atomic_write_text(out/'results.csv', df.to_csv(index=False))
     return df
 
-def _run_subprocess(r, profile, out, timeout, progress_every=None, on_line=lambda line: None) -> tuple[int, str]:
-    "Run one grid entry in its own process (each run needs its own $NUCBOOK_RUN_DIR); its progress lines go to `on_line` as they come."
+def _run_command(r:dict, profile, out:Path, timeout, progress_every=None) -> list:
+    "The `nucbook run` command of one grid entry: the same for a local batch and a SLURM job."
     cmd = [sys.executable, '-c', 'from nucbook.cli import main; main()', 'run', str(r['notebook']),
            '--out', str(out/r['name']), '--no-progress']
     if profile: cmd += ['--profile', profile]
     if timeout: cmd += ['--timeout', str(timeout)]
     if progress_every is not None: cmd += ['--progress-every', str(progress_every)]
     for k, v in r['parameters'].items(): cmd += ['-p', k, json.dumps(v)]
+    return cmd
+
+def _stop_group(procs:list, grace:float=10.0):
+    "SIGTERM to the process group of each of `procs` (each leads its own), SIGKILL to the groups still there after `grace` seconds."
+    def _kill(p, sig):
+        try: os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError): pass
+    for p in procs: _kill(p, signal.SIGTERM)
+    t_end = time.monotonic() + grace
+    for p in procs:
+        while p.poll() is None and time.monotonic() < t_end: time.sleep(0.1)
+        _kill(p, signal.SIGKILL)  # what is left of the group (the run itself, or a child it left behind)
+
+def _run_subprocess(r, profile, out, timeout, progress_every=None, on_line=lambda line: None,
+                    on_start=lambda p: None) -> tuple[int, str]:
+    "Run one grid entry in its own process group (each run needs its own $NUCBOOK_RUN_DIR); its progress lines go to `on_line` as they come."
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'PYTHONIOENCODING': 'utf-8'}
     with tempfile.TemporaryFile('w+', encoding='utf-8', errors='replace') as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, encoding='utf-8', errors='replace', env=env)
+        p = subprocess.Popen(_run_command(r, profile, out, timeout, progress_every), stdout=subprocess.PIPE, stderr=err,
+                             text=True, encoding='utf-8', errors='replace', env=env, start_new_session=True)
+        on_start(p)
         said = []
         for line in p.stdout:  # the run's stdout: its start line, the loops' progress lines `[desc] ...`, its folder
             said.append(line.rstrip('\n'))
@@ -327,41 +447,248 @@ def _run_subprocess(r, profile, out, timeout, progress_every=None, on_line=lambd
         rc = p.wait(); err.seek(0)
         return rc, ('\n'.join(said) + '\n' + err.read()).strip()
 
+def _local_batch(todo:list, profile, out:Path, timeout, progress_every, jobs:int, log) -> list:
+    "Run `todo` here, `jobs` at once; the names of the runs that failed. Ctrl-C or a signal stops the runs and raises `Stopped`."
+    lock, ended, failed, procs, stop = threading.Lock(), [], set(), {}, threading.Event()
+    def say(line):
+        with lock: log(line)
+    def started(name, p):
+        with lock:
+            procs[name] = p
+            late = stop.is_set()
+        if late: _stop_group([p])  # the batch is being stopped: this run must not go on
+    def one(r):
+        name, t0 = r['name'], time.monotonic()
+        if stop.is_set(): return
+        say(f'{name}: started')
+        rc, text = _run_subprocess(r, profile, out, timeout, progress_every, lambda line: say(f'{name}: {line}'),
+                                   lambda p: started(name, p))
+        with lock:
+            procs.pop(name, None)
+            if stop.is_set(): return
+            ended.append(name); took = format_duration(time.monotonic() - t0)
+            if rc == BUSY_EXIT:  # another process took the folder between our look and the run's start
+                log(f"[{len(ended)}/{len(todo)}] {name}: busy, skipped: {text.splitlines()[-1] if text else ''}"); return
+            log(f"[{len(ended)}/{len(todo)}] {name}: {f'ok in {took}' if rc == 0 else f'FAILED after {took}'}")
+            if rc: failed.add(name); log(text[-2000:])
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        for f in [pool.submit(one, r) for r in todo]: f.result()
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP turned into `Stopped` by `main`
+        with lock:
+            stop.set(); running = dict(procs)
+        _stop_group(list(running.values()))
+        pool.shutdown(wait=True, cancel_futures=True)
+        sig = e.args[0] if isinstance(e, Stopped) and e.args else 'SIGINT'
+        names = [r['name'] for r in todo if r['name'] in running]
+        raise Stopped(sig, f"stopped {len(names)} run(s){': ' + ', '.join(names) if names else ''}; "
+                           'the same command resumes the batch') from None
+    finally: pool.shutdown(wait=True)
+    return [r['name'] for r in todo if r['name'] in failed]
+
 def run_batch(
     grid_file:str|Path, # YAML grid file
-    jobs:int=1, # runs executed at the same time
+    jobs:int=1, # runs executed at the same time (local executor)
     out:str|Path|None=None, # overrides the grid file's `out`
     timeout:int|None=None, # seconds allowed per cell
     log=print, # gets one line per event: a run started, a progress line of a run, a run ended (called from several threads, one line at a time)
     progress_every:float|None=None, # seconds between two progress lines of a run's training loop (None: $NUCBOOK_PROGRESS_EVERY, else 30)
+    executor:str='local', # 'local': runs on this machine; 'slurm': one SLURM job per run, one job array for the grid (submitit)
+    slurm:dict|None=None, # SLURM options (see `slurm_options`) over the grid file's `slurm:` section
 ) -> 'pd.DataFrame':
-    "Run every combination of a grid (skipping finished runs), then write and return `results.csv`."
+    "Run every combination of a grid (skipping finished runs and busy folders), then write and return `results.csv`."
+    if executor not in ('local', 'slurm'): raise RunError(f"executor must be 'local' or 'slurm', got {executor!r}")
     g = load_grid(grid_file)
+    opts = slurm_options(g['slurm'], slurm, where=f'{grid_file}: ')
     out = _make_folder(Path(out or g['out']), 'folder of the runs')
-    todo = [r for r in g['runs'] if not run_is_done(out/r['name'])]
+    state = {r['name']: _run_state(out/r['name'], r) for r in g['runs']}
+    other = [f"{out/n}: {why}" for n, (s, why) in state.items() if s == 'other']
+    if other: raise RunError(f'{grid_file}: {len(other)} run folder(s) hold a run made with other parameters than the grid '
+                             'gives it (move them away, or choose another `out`):\n' + '\n'.join(other))
+    todo = [r for r in g['runs'] if state[r['name']][0] == 'todo']
+    busy = [r['name'] for r in g['runs'] if state[r['name']][0] == 'busy']
     problems = []  # parameters are checked before any run starts
     for r in todo:
         try: check_parameters(find_notebook(r['notebook']), {**r['parameters'], **({'profile': g['profile']} if g['profile'] else {})})
         except RunError as e: problems.append(f"{r['name']}: {e}")
     if problems: raise RunError(f'{grid_file}: {len(problems)} run(s) cannot start:\n' + '\n'.join(problems))
-    log(f"{len(g['runs'])} runs in {out}: {len(g['runs']) - len(todo)} already done, {len(todo)} to run with {jobs} job(s)")
-    lock, ended, failed = threading.Lock(), [], set()
-    def say(line):
-        with lock: log(line)
-    def one(r):
-        name, t0 = r['name'], time.monotonic()
-        say(f'{name}: started')
-        rc, text = _run_subprocess(r, g['profile'], out, timeout, progress_every, lambda line: say(f'{name}: {line}'))
-        with lock:
-            ended.append(name); took = format_duration(time.monotonic() - t0)
-            log(f"[{len(ended)}/{len(todo)}] {name}: {f'ok in {took}' if rc == 0 else f'FAILED after {took}'}")
-            if rc: failed.add(name); log(text[-2000:])
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex: list(ex.map(one, todo))
-    failed = [r['name'] for r in todo if r['name'] in failed]
+    n_done = sum(s == 'done' for s, _ in state.values())
+    how = f'with {jobs} job(s)' if executor == 'local' else 'as SLURM jobs'
+    log(f"{len(g['runs'])} runs in {out}: {n_done} already done, " + (f'{len(busy)} busy, ' if busy else '') + f'{len(todo)} to run {how}')
+    for n in busy: log(f'{n}: busy, skipped: nucbook run {state[n][1]} is working in its folder (left going by a batch '
+                       'that was killed?); run the batch again when it has ended')
+    if executor == 'local': failed = _local_batch(todo, g['profile'], out, timeout, progress_every, jobs, log)
+    else: failed = _slurm_batch(todo, g['profile'], out, timeout, progress_every, opts, log, Path(grid_file).stem)
     df = gather_results(out, g['runs'])
-    log(f"results: {out/'results.csv'} ({(df['status'] == 'ok').sum()} ok, {len(failed)} failed)")
+    running = int((df['status'] == 'running').sum())
+    log(f"results: {out/'results.csv'} ({(df['status'] == 'ok').sum()} ok, {len(failed)} failed"
+        + (f', {running} still running in another process' if running else '') + ')')
     if failed: raise RunError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return df
+
+# %% ../nbs/00a_cli.ipynb #791763d3
+SLURM_DEFAULTS = dict(partition=None, gpus_per_run=0, cpus_per_run=1, mem=None, time=60, array_parallelism=None, max_requeues=3)
+
+def parse_time_limit(
+    value:str|int, # minutes (`90`), or SLURM's `M:SS`, `H:MM:SS`, `D-H`, `D-H:MM`, `D-H:MM:SS`
+) -> int:
+    "A SLURM time limit in whole minutes (seconds rounded up), or `RunError`."
+    t = str(value).strip()
+    if isinstance(value, bool): t = ''
+    pats = [(r'(\d+)', lambda m: int(m[0]) * 60), (r'(\d+):(\d\d)', lambda m: int(m[0]) * 60 + int(m[1])),
+            (r'(\d+):(\d\d):(\d\d)', lambda m: int(m[0]) * 3600 + int(m[1]) * 60 + int(m[2])),
+            (r'(\d+)-(\d+)(?::(\d\d))?(?::(\d\d))?', lambda m: int(m[0]) * 86400 + int(m[1]) * 3600 + int(m[2] or 0) * 60 + int(m[3] or 0))]
+    for pat, secs in pats:
+        if (m := re.fullmatch(pat, t)) and (s := secs(m.groups())) > 0: return math.ceil(s / 60)
+    raise RunError(f'time limit {value!r}: expected minutes (90) or H:MM:SS (1:30:00), M:SS, D-H:MM:SS, above 0')
+
+def slurm_options(
+    grid:dict|None=None, # the grid file's `slurm:` section
+    given:dict|None=None, # options from the command line (None: not given); they win over the grid file's
+    where:str='', # prefix of error messages (the grid file)
+) -> dict:
+    "The SLURM options of a batch, checked and completed with `SLURM_DEFAULTS` (`time` in minutes); `RunError` names a bad one."
+    o = dict(SLURM_DEFAULTS)
+    for src in (grid or {}, given or {}):
+        for k, v in src.items():
+            key = str(k).replace('-', '_')
+            if key not in SLURM_DEFAULTS:
+                raise RunError(f"{where}unknown SLURM option {k!r} (options: {', '.join(SLURM_DEFAULTS)})")
+            if v is not None: o[key] = v
+    def _int(k, low):
+        v = o[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise RunError(f'{where}SLURM option {k} must be a whole number >= {low}, got {v!r}')
+    for k, low in (('gpus_per_run', 0), ('cpus_per_run', 1), ('max_requeues', 0)): _int(k, low)
+    if o['array_parallelism'] is not None: _int('array_parallelism', 1)
+    if o['partition'] is not None and not (isinstance(o['partition'], str) and re.fullmatch(r'[\w.,-]+', o['partition'])):
+        raise RunError(f"{where}SLURM option partition must be a partition name, got {o['partition']!r}")
+    if o['mem'] is not None:
+        mem = str(o['mem']).strip().upper().removesuffix('B')
+        if isinstance(o['mem'], bool) or not re.fullmatch(r'\d+[KMGT]?', mem) or int(re.sub('[KMGT]', '', mem)) == 0:
+            raise RunError(f"{where}SLURM option mem must be an amount such as 8G, 500M or a number of MB, got {o['mem']!r}")
+        o['mem'] = mem
+    try: o['time'] = parse_time_limit(o['time'])
+    except RunError as e: raise RunError(f'{where}SLURM option {e}') from None
+    return o
+
+def slurm_parameters(
+    opts:dict, # checked options (`slurm_options`)
+    job_name:str='nucbook', # name of the jobs in squeue
+) -> dict:
+    "The parameters of `submitit.SlurmExecutor.update_parameters` for `opts`."
+    p = dict(job_name=job_name, time=opts['time'], cpus_per_task=opts['cpus_per_run'],
+             signal_delay_s=min(90, max(10, opts['time'] * 60 // 4)))  # SIGUSR2 before the limit: time to stop and requeue
+    if opts['gpus_per_run']: p['gpus_per_node'] = opts['gpus_per_run']
+    for k in ('partition', 'mem', 'array_parallelism'):
+        if opts[k] is not None: p[k] = opts[k]
+    return p
+
+# %% ../nbs/00a_cli.ipynb #cf84e33e
+class SlurmRun:
+    "One grid run as a SLURM job (a submitit callable): the `nucbook run` command of a local batch, stopped and requeued by `checkpoint`."
+    def __init__(self,
+        cmd:list, # the run's `nucbook run` command (`_run_command`)
+        run_dir:str|Path, # its run folder
+        poll:float=1.0, # seconds between two looks at the command
+    ): self.cmd, self.run_dir, self.poll, self._proc = [str(c) for c in cmd], str(run_dir), poll, None
+    def __getstate__(self): return {**self.__dict__, '_proc': None}  # pickled by submitit, without the live process
+    def __call__(self) -> str:
+        if run_is_done(self.run_dir):  # e.g. a job of an earlier batch finished it meanwhile
+            print(f'{self.run_dir}: already done', flush=True); return 'ok'
+        env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'PYTHONIOENCODING': 'utf-8'}
+        self._proc = subprocess.Popen(self.cmd, env=env, start_new_session=True)  # stdout/stderr: the job's log
+        while self._proc.poll() is None: time.sleep(self.poll)  # (not wait(): `checkpoint` may run in between, in a signal handler)
+        rc = self._proc.returncode
+        if rc == BUSY_EXIT: raise RunBusy(f'{self.run_dir} is busy (another nucbook run works in it); this job did nothing')
+        if rc: raise RunError(f'nucbook run ended with status {rc} (its error is above in this log)')
+        return 'ok'
+    def checkpoint(self) -> 'submitit.helpers.DelayedSubmission':
+        "Called by submitit on SIGUSR2 (time limit near, or pre-emption): stop the run, then requeue this same command."
+        import submitit
+        if self._proc is not None and self._proc.poll() is None:
+            print(f'{self.run_dir}: stopping the run to requeue it; it resumes from its checkpoints', flush=True)
+            _stop_group([self._proc], grace=20)
+        return submitit.helpers.DelayedSubmission(SlurmRun(self.cmd, self.run_dir, self.poll))
+
+_SLURM_ENDED = {'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'OUT_OF_MEMORY', 'BOOT_FAIL', 'DEADLINE', 'PREEMPTED'}
+
+def _squeue(job_ids) -> dict|None:
+    "{job id (`12_3` for a task of array 12): state} as squeue lists them (ended ones for a few minutes); None if squeue failed."
+    arrays = sorted({str(j).split('_')[0] for j in job_ids})
+    if not arrays: return {}
+    try: p = subprocess.run(['squeue', '-h', '-r', '--states=all', '-o', '%i|%T', '-j', ','.join(arrays)],
+                            capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired): return None
+    if p.returncode: return {} if 'Invalid job id' in p.stderr else None  # every job already purged
+    return dict(l.split('|', 1) for l in p.stdout.split() if '|' in l)
+
+def _slurm_batch(todo:list, profile, out:Path, timeout, progress_every, opts:dict, log, name:str, poll:float=2.0) -> list:
+    "Submit `todo` as one job array (jobs of an earlier batch still queued are watched, not resubmitted) and wait; the runs that failed."
+    try: import submitit
+    except ImportError: raise RunError('--executor slurm needs submitit (pip install submitit; it is in pyproject.toml)') from None
+    out = out.resolve(); folder = out/'.slurm'
+    lock = threading.Lock()
+    def say(line):
+        with lock: log(line)
+    try: known = json.loads((folder/'jobs.json').read_text())  # {run: job id} of earlier batches into this folder
+    except (OSError, ValueError): known = {}
+    live = _squeue([known[r['name']] for r in todo if r['name'] in known]) or {}
+    jobs = {r['name']: known[r['name']] for r in todo if live.get(known.get(r['name'])) not in (None, *_SLURM_ENDED)}
+    for n, j in jobs.items(): say(f'{n}: already queued as SLURM job {j} by an earlier batch; watching it')
+    new = [r for r in todo if r['name'] not in jobs]
+    if new:
+        try:
+            ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=opts['max_requeues'])
+            ex.update_parameters(**slurm_parameters(opts, f'nucbook-{name}'))
+        except (RuntimeError, ValueError) as e: raise RunError(f'cannot submit to SLURM from here: {e}') from None
+        calls = [SlurmRun(_run_command(r, profile, out, timeout, progress_every), out/r['name']) for r in new]
+        try:
+            with ex.batch(): subs = [ex.submit(c) for c in calls]
+        except Exception as e: raise RunError(f'sbatch did not take the jobs: {type(e).__name__}: {e}') from None
+        jobs.update({r['name']: s.job_id for r, s in zip(new, subs)})
+        atomic_write_json(folder/'jobs.json', {**known, **jobs})
+        say(f"submitted {len(new)} run(s) as SLURM job {subs[0].job_id.split('_')[0]}"
+            f"{' (an array)' if len(new) > 1 else ''}; submitit's logs: {folder}")
+    state, ending, ended, failed, tails, t_run = {}, {}, [], [], {}, {}
+    warned = False
+    try:
+        while len(ended) < len(jobs):
+            q = _squeue(jobs.values())
+            if q is None:
+                if not warned: say('squeue does not answer; still waiting for the jobs'); warned = True
+                time.sleep(poll); continue
+            for n, j in jobs.items():
+                if n in ended: continue
+                st = q.get(j, 'ENDED')  # no longer listed: it ended long ago (or the controller forgot it)
+                if st != state.get(j):
+                    again = n in t_run and st in ('PENDING', 'REQUEUED')  # it ran, and waits again
+                    say(f'{n}: job {j} {st}' + (' (requeued: the run goes on from its checkpoints when it starts again)' if again else ''))
+                    state[j] = st
+                if st == 'RUNNING':
+                    t_run.setdefault(n, time.monotonic())
+                    if n not in tails: tails[n] = _Tail(out/n/'progress.log', lambda line, n=n: say(f'{n}: {line}')).__enter__()
+                if st not in _SLURM_ENDED and st != 'ENDED': ending.pop(j, None); continue
+                if ending.get(j) != st: ending[j] = st; continue  # ended if it says so on two looks (a requeue passes by)
+                # the rest of its progress lines (all of them if it ran between two looks)
+                (tails.pop(n, None) or _Tail(out/n/'progress.log', lambda line, n=n: say(f'{n}: {line}')).__enter__()).__exit__(None, None, None)
+                ended.append(n)
+                took = format_duration(time.monotonic() - t_run.get(n, time.monotonic()))
+                status = _read_record(out/n).get('status', 'missing')
+                if st in ('COMPLETED', 'ENDED') and status == 'ok': say(f'[{len(ended)}/{len(jobs)}] {n}: ok in {took}')
+                else:
+                    failed.append(n)
+                    say(f'[{len(ended)}/{len(jobs)}] {n}: FAILED (job {j} {st}, run status {status}); its log: {folder}/{j}_0_log.err')
+            if len(ended) < len(jobs): time.sleep(poll)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP turned into `Stopped` by `main`
+        left = sorted({j.split('_')[0] for n, j in jobs.items() if n not in ended})
+        if left: subprocess.run(['scancel', *left], capture_output=True, timeout=60)
+        sig = e.args[0] if isinstance(e, Stopped) and e.args else 'SIGINT'
+        raise Stopped(sig, f"cancelled SLURM job(s) {', '.join(left) or 'none'} ({len(jobs) - len(ended)} run(s)); "
+                           'the same command resumes the batch') from None
+    finally:
+        for t in tails.values(): t.__exit__(None, None, None)
+    return [r['name'] for r in todo if r['name'] in failed]
 
 # %% ../nbs/00a_cli.ipynb #e378c24a
 class _Parser(argparse.ArgumentParser):
@@ -414,11 +741,21 @@ def _parser() -> argparse.ArgumentParser:
                    help='seconds between two progress lines of a training loop (default: $NUCBOOK_PROGRESS_EVERY, else 30)')
     b = sub.add_parser('batch', help='run a parameter grid (resumable) and gather results.csv')
     b.add_argument('grid', help='YAML grid file')
-    b.add_argument('--jobs', '-j', type=int, default=1, help='runs at the same time')
+    b.add_argument('--jobs', '-j', type=int, default=1, help='runs at the same time (--executor local)')
     b.add_argument('--out', help="folder of the runs (default: the grid's `out`, else runs/<grid name>)")
     b.add_argument('--timeout', type=int, help='seconds allowed per cell')
     b.add_argument('--progress-every', type=_seconds, metavar='SECONDS',
                    help="seconds between two progress lines of a run's training loop (default: $NUCBOOK_PROGRESS_EVERY, else 30)")
+    b.add_argument('--executor', choices=['local', 'slurm'], default='local',
+                   help='local: runs on this machine (default); slurm: one SLURM job per run, one job array for the grid (submitit)')
+    s = b.add_argument_group('SLURM options (--executor slurm; also read from the grid file\'s `slurm:` section, the command line wins)')
+    s.add_argument('--partition', help="partition (default: the cluster's default)")
+    s.add_argument('--gpus-per-run', type=int, metavar='N', help='GPUs of each job (default 0)')
+    s.add_argument('--cpus-per-run', type=int, metavar='N', help='CPUs of each job (default 1)')
+    s.add_argument('--mem', help='memory of each job: 8G, 500M, or MB (default: the cluster\'s)')
+    s.add_argument('--time', help='time limit of each job: minutes, or H:MM:SS (default 60 minutes)')
+    s.add_argument('--array-parallelism', type=int, metavar='N', help='jobs of the array running at once (default: all)')
+    s.add_argument('--max-requeues', type=int, metavar='N', help='requeues allowed after a time limit (default 3)')
     f = sub.add_parser('fetch', help='download a registered dataset, verify and unpack it (or register your copy)',
                        epilog_fn=lambda: _datasets_help('fetch'))
     f.add_argument('name', help='dataset name (listed below)'); f.add_argument('--dest', help='data root (default: $NUCBOOK_DATA, else a user cache folder)')
@@ -435,7 +772,12 @@ def _command(args):
                          out=args.out, progress=not args.no_progress, timeout=args.timeout, progress_every=args.progress_every)
         print(f'run folder: {d}')
     elif args.cmd == 'batch':
-        run_batch(args.grid, jobs=args.jobs, out=args.out, timeout=args.timeout, progress_every=args.progress_every)
+        given = {k: getattr(args, k) for k in SLURM_DEFAULTS}
+        if args.executor == 'local' and any(v is not None for v in given.values()):
+            raise RunError(f"{', '.join('--' + k.replace('_', '-') for k, v in given.items() if v is not None)} "
+                           'only apply to --executor slurm')
+        run_batch(args.grid, jobs=args.jobs, out=args.out, timeout=args.timeout, progress_every=args.progress_every,
+                  executor=args.executor, slurm=given)
     elif args.cmd == 'fetch':
         from nucbook.data.fetch import fetch
         print(f'dataset ready: {fetch(args.name, dest=args.dest, from_dir=args.from_dir)}')
@@ -447,16 +789,27 @@ def _command(args):
               f"published checksums, {v['files_checked_lock']} against the lock file)"
               f"{'; UNVERIFIED: see the warning above' if v['unverified'] else ''}", file=sys.stderr)
 
+def _raise_stopped(signum, frame): raise Stopped(signal.Signals(signum).name)
+
 def main(argv:list|None=None) -> int:
     "Entry point of the `nucbook` console script."
     args = _parser().parse_args(argv)
     def _warn(message, category, *a, **k): print(f'nucbook {args.cmd}: warning: {message}', file=sys.stderr)
+    before = {}
+    if threading.current_thread() is threading.main_thread():  # SIGTERM, SIGHUP: stop as on Ctrl-C (runs stopped, one line)
+        before = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warn  # one line per warning, e.g. a dataset whose hashes were never verified
             _command(args)
+    except KeyboardInterrupt as e:  # Ctrl-C or a signal: one line, no traceback; exit status 128 + the signal's number
+        sig, *what = e.args if isinstance(e, Stopped) and e.args else ('SIGINT',)
+        print(f"nucbook {args.cmd}: stopped ({'Ctrl-C' if sig == 'SIGINT' else sig}){': ' + what[0] if what else ''}", file=sys.stderr)
+        sys.exit(128 + getattr(signal, sig, signal.SIGINT))
     except (RunError, ValueError, OSError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f'nucbook {args.cmd}: error: {msg}', file=sys.stderr)
-        sys.exit(1)
+        sys.exit(BUSY_EXIT if isinstance(e, RunBusy) else 1)
+    finally:
+        for sig, handler in before.items(): signal.signal(sig, handler)
     return 0

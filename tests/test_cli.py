@@ -1,10 +1,10 @@
 "`nucbook run` and `nucbook batch` on tiny notebooks written by the tests."
-import json, re, subprocess, sys, time
+import json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
-from nucbook.cli import RunError, load_grid, run_batch, run_notebook, main
+from nucbook.cli import RunError, config_hash, load_grid, lock_holder, run_batch, run_notebook, main
 
 NUCBOOK = [sys.executable, '-c', 'from nucbook.cli import main; main()']
 
@@ -75,7 +75,8 @@ def test_batch_resumes_without_rerunning(square_nb, tmp_path):
     grid = tmp_path/'grid.yaml'
     grid.write_text(f"notebook: {square_nb}\nout: {tmp_path/'b'}\nparameters: {{label: z}}\ngrid:\n  x: [1, 2, 3]\n")
     runs = load_grid(grid)['runs']
-    assert [r['name'] for r in runs] == ['01_square-x=1', '01_square-x=2', '01_square-x=3']
+    h = config_hash({'label': 'z'})  # the fixed parameters (and profile) are part of each run's folder name
+    assert [r['name'] for r in runs] == [f'01_square-x={x}-cfg={h}' for x in (1, 2, 3)]
     # simulate an interrupted batch: only the first run finished, the second died half-way
     first = run_notebook(square_nb, {'x': 1, 'label': 'z'}, out=tmp_path/'b'/runs[0]['name'], progress=False)
     half = tmp_path/'b'/runs[1]['name']; half.mkdir()
@@ -179,7 +180,7 @@ def test_out_naming_an_existing_file_is_not_a_folder(square_nb, tmp_path):
 def test_batch_checks_every_run_before_starting_any(square_nb, tmp_path):
     grid = tmp_path/'grid.yaml'
     grid.write_text(f"notebook: {square_nb}\nout: {tmp_path/'b'}\ngrid:\n  x: [1, abc]\n")
-    with pytest.raises(RunError, match=r"1 run\(s\) cannot start:\n01_square-x=abc: 01_square.ipynb: parameter 'x' was given 'abc'"):
+    with pytest.raises(RunError, match=r"1 run\(s\) cannot start:\n01_square-x=abc-cfg=[0-9a-f]{8}: 01_square.ipynb: parameter 'x' was given 'abc'"):
         run_batch(grid, log=lambda *a: None)
     assert list((tmp_path/'b').iterdir()) == []  # not even the valid run started
 
@@ -265,7 +266,8 @@ def test_batch_prints_one_line_per_event_with_two_jobs(tmp_path):
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     assert lines[0].startswith('2 runs in ') and lines[-1].startswith('results: ')
-    names = ['fake-x=1', 'fake-x=2']
+    names = [r['name'] for r in load_grid(grid)['runs']]
+    assert names == [f'fake-x={x}-cfg={config_hash({})}' for x in (1, 2)]
     assert {lines[1], lines[2]} == {f'{n}: started' for n in names}  # both run at once
     for i, n in enumerate(names, 1):
         mine = [l for l in lines if l.startswith(f'{n}: ') or re.match(rf'\[\d/2\] {n}: ', l)]
@@ -288,3 +290,146 @@ def test_fetch_and_verify_help_list_the_datasets(capsys):
         assert [n for n in names if not re.search(rf' {n}[,.]', h)] == [] and 'synthetic' not in h and 'generic' not in h, h
     with pytest.raises(SystemExit): main(['run', 'x', '--progress-every', 'soon'])
     assert "--progress-every: expected a number of seconds >= 0, got 'soon'" in capsys.readouterr().err
+
+
+# --- `nucbook batch` fixes (issue 19): run identity, one process per run folder, stopping, progress while it runs
+
+def test_batch_run_identity_includes_fixed_parameters_and_profile(square_nb, tmp_path):
+    "Changing a fixed parameter or the profile makes new run folders: old runs are not 'done', and the table shows what each run used."
+    grid, out = tmp_path/'grid.yaml', tmp_path/'b'
+    def write(extra): grid.write_text(f"notebook: {square_nb}\nout: {out}\n{extra}grid:\n  x: [3]\n")
+    write('parameters: {label: a}\n')
+    lines = []; df_a = run_batch(grid, log=lines.append)
+    assert '0 already done, 1 to run' in lines[0]
+    old = {d.name: (d/'metrics.json').read_text() for d in out.iterdir() if d.is_dir()}
+    assert len(old) == 1 and all('"label": "a"' in m for m in old.values())
+    write('parameters: {label: b}\n')  # a fixed parameter changed: nothing is done yet
+    lines = []; df = run_batch(grid, log=lines.append)
+    assert '0 already done, 1 to run' in lines[0], lines[0]
+    assert list(df['param.label']) == ['b'] and list(df['label']) == ['b'] and list(df['square']) == [9]
+    assert set(df['run']).isdisjoint(df_a['run'])
+    assert {d.name: (d/'metrics.json').read_text() for d in out.iterdir() if d.name in old} == old  # left alone
+    assert set(pd.read_csv(out/'results.csv')['run']) == set(df['run'])  # the table reports only this grid's runs
+    write('profile: paper\nparameters: {label: b}\n')  # the profile too
+    lines = []; df_p = run_batch(grid, log=lines.append)
+    assert '0 already done, 1 to run' in lines[0] and list(df_p['param.profile']) == ['paper']
+    assert list(df_p['profile']) == ['paper'] and set(df_p['run']).isdisjoint(df['run'])
+    lines = []; run_batch(grid, log=lines.append)
+    assert '1 already done, 0 to run' in lines[0]
+    # a folder recording other parameters than its run's (never made by the batch itself): stop before anything runs
+    rec = json.loads((out/df_p['run'][0]/'params.json').read_text())
+    rec['injected']['label'] = 'c'; (out/df_p['run'][0]/'params.json').write_text(json.dumps(rec))
+    with pytest.raises(RunError, match=r"1 run folder\(s\) hold a run made with other parameters.*\n.*label: 'c' in the folder, 'b' in the grid"):
+        run_batch(grid, log=lambda *a: None)
+
+
+SLOW_BODY = """import time
+atomic_write_json(current_run_dir()/'kernel.json', {'pid': os.getpid()})
+t0 = time.time()
+while not os.path.exists(release) and time.time() - t0 < 90: time.sleep(0.1)
+atomic_write_json(current_run_dir()/'metrics.json', {'x': x})"""
+
+
+def _alive(pid: int) -> bool:
+    "The process exists and is not a zombie."
+    try: return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (FileNotFoundError, IndexError): return False
+
+
+def _wait_for(cond, timeout: float, what: str):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout: raise AssertionError(f'{what}: not after {timeout} s')
+        time.sleep(0.1)
+
+
+def _slow_grid(tmp_path, xs):
+    nb = _nb(tmp_path/'slow.ipynb', "x = 1\nrelease = ''", SLOW_BODY)
+    grid, release = tmp_path/'g.yaml', tmp_path/'release'
+    grid.write_text(f"notebook: {nb}\nout: {tmp_path/'b'}\nparameters: {{release: {json.dumps(str(release))}}}\ngrid:\n  x: {xs}\n")
+    runs = [tmp_path/'b'/r['name'] for r in load_grid(grid)['runs']]
+    return nb, grid, release, runs
+
+
+def _run_pids(run: Path) -> tuple[int, int]:
+    "(pid of the `nucbook run` working in `run`, pid of its kernel)."
+    m = re.match(r'pid (\d+) on ', lock_holder(run) or '')
+    assert m, lock_holder(run)
+    return int(m[1]), json.loads((run/'kernel.json').read_text())['pid']
+
+
+def test_killed_batch_leaves_its_run_locked_and_a_restart_skips_it(tmp_path):
+    "kill -9 of the batch: its run goes on holding its folder's lock; a new batch (or nucbook run) starts no second process there."
+    nb, grid, release, (run,) = _slow_grid(tmp_path, [1])
+    b1 = subprocess.Popen(NUCBOOK + ['batch', str(grid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pid = kernel = None
+    try:
+        _wait_for(lambda: (run/'kernel.json').exists(), 90, 'the run started')
+        pid, kernel = _run_pids(run)
+        os.kill(b1.pid, 9); b1.wait(timeout=10)
+        time.sleep(1)
+        assert _alive(pid) and _alive(kernel)  # the run outlives its batch ...
+        started = json.loads((run/'params.json').read_text())['started']
+        p = subprocess.run(NUCBOOK + ['batch', str(grid)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[0].endswith(': 0 already done, 1 busy, 0 to run with 1 job(s)'), lines
+        assert lines[1].startswith(f'{run.name}: busy, skipped: nucbook run pid {pid} on '), lines
+        assert lines[-1].endswith('(0 ok, 0 failed, 1 still running in another process)'), lines
+        assert pd.read_csv(tmp_path/'b'/'results.csv')['status'].tolist() == ['running']
+        # ... and `nucbook run` itself refuses the folder (exit 75), so does a batch that raced past its look
+        p = subprocess.run(NUCBOOK + ['run', str(nb), '--out', str(run), '-p', 'release', json.dumps(str(release))],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 75 and f'is busy: nucbook run pid {pid} on ' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+        assert json.loads((run/'params.json').read_text())['started'] == started and _run_pids(run) == (pid, kernel)
+        release.touch()  # the orphaned run ends by itself; then the batch finds it done
+        _wait_for(lambda: lock_holder(run) is None, 60, 'the orphaned run ended')
+        assert json.loads((run/'params.json').read_text())['status'] == 'ok'
+        p = subprocess.run(NUCBOOK + ['batch', str(grid)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and ': 1 already done, 0 to run' in p.stdout.splitlines()[0], p.stdout
+    finally:
+        release.touch()
+        for q in (pid, b1.pid):
+            try: os.killpg(q, 9)
+            except (ProcessLookupError, TypeError): pass
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_stopping_the_batch_stops_its_runs(tmp_path, sig):
+    "SIGTERM or Ctrl-C (SIGINT) to the batch: each run's process group ends, then the batch, with one line and no traceback."
+    xs = [1, 2] if sig == 'SIGTERM' else [1]
+    nb, grid, release, runs = _slow_grid(tmp_path, xs)
+    b = subprocess.Popen(NUCBOOK + ['batch', str(grid), '--jobs', '2'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: all((r/'kernel.json').exists() for r in runs), 90, 'the runs started')
+        pids = [p for r in runs for p in _run_pids(r)]
+        t0 = time.monotonic()
+        b.send_signal(getattr(signal, sig))
+        _, err = b.communicate(timeout=60)
+        assert b.returncode == 128 + getattr(signal, sig), (b.returncode, err)
+        how = 'Ctrl-C' if sig == 'SIGINT' else sig
+        names = ', '.join(r.name for r in runs)
+        assert err == f'nucbook batch: stopped ({how}): stopped {len(runs)} run(s): {names}; the same command resumes the batch\n', err
+        _wait_for(lambda: not any(_alive(p) for p in pids), 5, 'the runs and their kernels ended')
+        assert time.monotonic() - t0 < 20
+        assert [json.loads((r/'params.json').read_text())['status'] for r in runs] == ['stopped'] * len(runs)
+        assert [lock_holder(r) for r in runs] == [None] * len(runs)
+    finally:
+        release.touch()
+        if b.poll() is None: os.killpg(b.pid, 9)
+
+
+def test_batch_shows_a_runs_progress_while_it_runs(tmp_path):
+    "The run's start and its progress lines reach the batch's stdout as they happen, seconds before the run ends."
+    body = ("import time\nfor s in (1, 2):\n    with open(os.environ['NUCBOOK_PROGRESS'], 'a') as f: f.write(f'[slow] step {s}/2' + chr(10))\n"
+            "    time.sleep(2)\natomic_write_json(current_run_dir()/'metrics.json', {'x': x})")
+    nb = _nb(tmp_path/'p.ipynb', 'x = 1', body)
+    grid = tmp_path/'g.yaml'; grid.write_text(f"notebook: {nb}\nout: {tmp_path/'b'}\ngrid:\n  x: [1]\n")
+    name = load_grid(grid)['runs'][0]['name']
+    p = subprocess.Popen(NUCBOOK + ['batch', str(grid)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got = {line.rstrip('\n'): time.monotonic() for line in p.stdout}
+    assert p.wait(timeout=120) == 0, p.stderr.read()
+    end = next(t for l, t in got.items() if re.fullmatch(rf'\[1/1\] {name}: ok in \d+s', l))
+    assert end - got[f'{name}: started'] >= 4 and end - got[f'{name}: [slow] step 1/2'] >= 3.5, got
+    assert got[f'{name}: [slow] step 2/2'] - got[f'{name}: [slow] step 1/2'] >= 1.5, got  # each as it came

@@ -9,9 +9,11 @@ from nucbook.engine.diffusion import (cfg_combine, ddim_sample, ddim_scheduler, 
                                load_diffusion, make_noise_scheduler, make_semantic_unet, make_unet, predict_eps,
                                patch_batch, save_diffusion, train_diffusion, ADM_WEIGHTS, discretized_gaussian_log_likelihood,
                                gaussian_terms, learned_log_variance, model_side, normal_kl, p_mean_variance, q_posterior,
-                               respace, schedule_terms, split_output, vlb_bits)
+                               respace, schedule_terms, split_output, vlb_bits, GUIDANCE_CONVENTIONS, SDM_WEIGHTS,
+                               model_label_channels, start_timestep)
 from nucbook.engine.loop import SettingsMismatch
 from nucbook.models.adm import ADMUNet, adm_config, load_adm, save_adm
+from nucbook.models.sdm import SDMUNet, sdm_config, load_sdm, save_sdm
 from nucbook.data.synth import synth_dataset
 
 torch.set_num_threads(1)  # pytest -n 2 on 2 cores
@@ -198,16 +200,20 @@ def _noise(seeds, shape):
     return lambda: torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
-@pytest.mark.parametrize('steps,start_step', [(100, 54), (10, 0), (10, 9), (5, 2)])
-def test_start_from_image_noise_level(steps, start_step, batch, oracle):
-    # DiffMix starts at step k of an N-step trailing schedule, t = (k + 1) T / N - 1 (54 of 100: t = 549), from
-    # y_t = sqrt(abar_t) y0 + sqrt(1 - abar_t) eps; eps is the first draw of each patch's generator (seed + i)
+@pytest.mark.parametrize('steps,start_step,spacing', [(100, 54, 'trailing'), (10, 0, 'trailing'), (10, 9, 'trailing'),
+                                                       (5, 2, 'trailing'), (100, 54, 'leading'), (10, 9, 'leading')])
+def test_start_from_image_noise_level(steps, start_step, spacing, batch, oracle):
+    # DiffMix starts at step k of an N-step schedule: trailing t = (k + 1) T / N - 1 (54 of 100: t = 549), leading (the
+    # authors' ddim100) t = k T / N (540); from y_t = sqrt(abar_t) y0 + sqrt(1 - abar_t) eps, eps the first draw of each
+    # patch's generator (seed + i)
     x0 = batch[0][:2]; sched = make_noise_scheduler(); abar = sched.alphas_cumprod; T = 1000
-    t = (start_step + 1) * T // steps - 1
+    t = (start_step + 1) * T // steps - 1 if spacing == 'trailing' else start_step * T // steps
+    assert start_timestep(sched, steps, start_step, spacing) == t
     eps = _noise([7, 8], x0.shape[1:])()
     closed = lambda t: abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
     ora = oracle(x0, sched, S)
-    with _seen_inputs(ora) as seen: out = ddim_sample(ora, sched, y0=x0, start_step=start_step, steps=steps, seed=7, eta=0.0)
+    with _seen_inputs(ora) as seen:
+        out = ddim_sample(ora, sched, y0=x0, start_step=start_step, steps=steps, seed=7, eta=0.0, spacing=spacing)
     assert [u for _, u in seen] == [t - j * (T // steps) for j in range(start_step + 1)]
     torch.testing.assert_close(seen[0][0], closed(t), atol=1e-6, rtol=0)
     # the exact noise predictor of x0 with eta = 0: every latent is the closed form with the same eps, the end is x0
@@ -444,3 +450,172 @@ def test_respaced_chain():
     torch.testing.assert_close(r.beta[1:], 1 - full.abar[r.timesteps[1:]] / full.abar[r.timesteps[:-1]], atol=1e-12, rtol=0)
     assert respace(sched, 250).timesteps[:3].tolist() == [0, 4, 8] and respace(sched, 1).timesteps.tolist() == [999]
     with pytest.raises(ValueError, match='1..1000'): respace(sched, 0)
+
+
+# --- classifier-free guidance conventions (DiffMix Eq. 7 as printed vs the authors' code) ----------------------------
+def test_guidance_conventions_on_hand_built_predictions(batch):
+    ec, eu = torch.tensor([3.0, -1.0, 0.5]), torch.tensor([1.0, 0.5, 0.5])
+    # authors: eps_u + s (eps_c - eps_u); paper (Eq. 7): eps_c + s (eps_c - eps_u)
+    assert cfg_combine(ec, eu, 1.5).tolist() == [4.0, -1.75, 0.5]
+    assert cfg_combine(ec, eu, 1.5, 'authors').tolist() == [4.0, -1.75, 0.5]
+    assert cfg_combine(ec, eu, 1.5, 'paper').tolist() == [6.0, -3.25, 0.5]
+    assert torch.equal(cfg_combine(ec, eu, 1.5, 'paper'), cfg_combine(ec, eu, 2.5, 'authors'))  # printed s = authors' s + 1
+    assert torch.equal(cfg_combine(ec, eu, 0, 'paper'), ec) and torch.equal(cfg_combine(ec, eu, 0, 'authors'), eu)
+    assert GUIDANCE_CONVENTIONS == ('authors', 'paper')
+    with pytest.raises(ValueError, match="unknown guidance convention 'eq7'"): cfg_combine(ec, eu, 1.5, 'eq7')
+    # a real (tiny, random) model: predict_eps's batched pass equals the manual combination, shortcuts included
+    x, lab = batch; t = torch.tensor([5, 300, 600, 990])
+    for model, eps_of in ((_sem(), lambda o: o.sample), (_sdm(), lambda o: o[:, :3])):
+        xx, ll = (x[:, :, :16, :16], lab[:, :, :16, :16]) if isinstance(model, SDMUNet) else (x, lab)  # SDM: smaller, faster
+        with torch.no_grad():
+            e_c, e_u = eps_of(model(xx, t, ll)), eps_of(model(xx, t, None))
+            assert (e_c - e_u).abs().max() > 1e-4
+            for s, conv, want in ((0.0, 'authors', e_u), (1.0, 'authors', e_c), (0.0, 'paper', e_c), (-1.0, 'paper', e_u),
+                                  (1.5, 'authors', e_u + 1.5 * (e_c - e_u)), (1.5, 'paper', e_c + 1.5 * (e_c - e_u))):
+                torch.testing.assert_close(predict_eps(model, xx, t, ll, s=s, convention=conv), want, atol=1e-5, rtol=0,
+                                           msg=f'{type(model).__name__} s={s} {conv}')
+            torch.testing.assert_close(predict_eps(model, xx, t, None, s=1.5, convention='paper'), e_u, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match='unknown guidance convention'): predict_eps(model, xx, t, ll, s=1.5, convention='code')
+
+
+def test_ddim_sample_passes_the_convention_through(batch):
+    x0, lab = batch; x0, lab = x0[:2], lab[:2]; model = _sem(); sched = make_noise_scheduler()
+    kw = dict(y0=x0, start_step=3, steps=5, x=lab, seed=0)
+    paper = ddim_sample(model, sched, s=1.5, convention='paper', **kw)
+    torch.testing.assert_close(paper, ddim_sample(model, sched, s=2.5, convention='authors', **kw), atol=1e-3, rtol=0)  # rounding only
+    assert (paper - ddim_sample(model, sched, s=1.5, **kw)).abs().max() > 0.05  # the default is the authors' form
+    with pytest.raises(ValueError, match='unknown guidance convention'): ddim_sample(model, sched, s=1.5, convention='Paper', **kw)
+
+
+# --- the authors' SDM network (nucbook.models.sdm) in the engine ----------------------------------------------------
+def _sdm(seed=0, **overrides):
+    "A tiny SDMUNet with every tensor non-zero (its output convs are zero-initialised), so eps and v depend on the input."
+    torch.manual_seed(seed)
+    m = SDMUNet(**sdm_config('tiny', **overrides)).eval()
+    with torch.no_grad():
+        for p in m.parameters(): p.copy_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_null_label_dropout_is_binomial_and_zeroes_the_whole_map():
+    # n maps of 6 channels (classes, background, edge), non-zero in every pixel of every channel, so that a channel left
+    # over shows; the dropped count is Binomial(n, 0.2), given 4 standard deviations of tolerance
+    n = 5000
+    x = torch.rand(n, 6, 3, 3, generator=torch.Generator().manual_seed(10)) + 0.5
+    xd, dropped = drop_labels(x, 0.2, torch.Generator().manual_seed(11))
+    k = int(dropped.sum()); sd = (n * 0.2 * 0.8) ** 0.5
+    assert abs(k - 0.2 * n) < 4 * sd, (k, 0.2 * n, sd)
+    assert (xd[dropped] == 0).all()  # every channel of a dropped map: classes, background and edge
+    assert torch.equal(xd[~dropped], x[~dropped])  # the others untouched
+    # another seed draws another subset at the same rate
+    d2 = drop_labels(x, 0.2, torch.Generator().manual_seed(12))[1]
+    assert not torch.equal(d2, dropped) and abs(int(d2.sum()) - 0.2 * n) < 4 * sd
+
+
+def test_training_feeds_whole_or_null_label_maps(tiles, tmp_path):
+    # what an SDMUNet sees while training: each label map either a full one-hot + edge map or all zeros, none half-dropped
+    def seen_labels(p_uncond, out):
+        model = _sdm(); maps = []
+        h = model.register_forward_hook(lambda m, a, o: maps.append(a[2].detach().clone()))
+        train_diffusion(model, tiles, tmp_path/out, steps=3, batch_size=4, patch_size=16, lr=1e-4, ema_decay=0.9,
+                        p_uncond=p_uncond, seed=1, save_final=False)
+        h.remove()
+        return torch.cat(maps)
+    for p, out in ((0.0, 'none'), (1.0, 'all'), (0.5, 'half')):
+        y = seen_labels(p, out)
+        null = y.flatten(1).abs().sum(1) == 0
+        assert y.shape == (12, 6, 16, 16)
+        assert (y[~null][:, :5].sum(1) == 1).all()  # kept maps: exactly one class per pixel (background included)
+        if p == 0.0: assert not null.any()
+        if p == 1.0: assert null.all()
+        if p == 0.5: assert 0 < int(null.sum()) < 12
+
+
+def test_sdm_model_helpers(batch):
+    m = _sdm()
+    assert model_side(m) == 64 and model_label_channels(m) == 6 and model_label_channels(_sem()) == 6
+    with pytest.raises(ValueError, match='takes no label map'): model_label_channels(_unet())
+    x, lab = batch
+    out = m(x[:, :, :16, :16], torch.tensor([1, 2, 3, 4]), lab[:, :, :16, :16])
+    e, v = split_output(out); assert e.shape == v.shape == (4, 3, 16, 16)
+
+
+def test_sdm_trains_with_hybrid_loss_and_resumes_in_chunks(tiles, tmp_path):
+    kw = dict(steps=4, batch_size=2, patch_size=16, lr=1e-3, ckpt_every=2, ema_decay=0.9, p_uncond=0.5, seed=5)
+    full = train_diffusion(_sdm(), tiles, tmp_path/'full', **kw)
+    assert all(np.isfinite(full.losses)) and len(full.losses) == 4
+    first = train_diffusion(_sdm(), tiles, tmp_path/'cut', max_seconds=0, **kw)  # stops after one step, with a checkpoint
+    assert not first.finished and first.step == 1 and not (tmp_path/'cut'/'model').exists()
+    rest = train_diffusion(_sdm(), tiles, tmp_path/'cut', **kw)
+    assert rest.resumed_from == 1 and rest.finished and rest.losses == full.losses
+    for (k, a), b in zip(full.model.state_dict().items(), rest.model.state_dict().values()): assert torch.equal(a, b), k
+    for a, b in zip(full.ema.shadow_params, rest.ema.shadow_params): assert torch.equal(a, b)
+    ck = torch.load(tmp_path/'cut'/'checkpoint.pt', weights_only=False)
+    rec = ck['history']['records']  # the hybrid terms are logged every step, and add up to the loss
+    assert len(rec['vlb']) == 4 and np.allclose(rec['loss'], rec['mse'] + rec['vlb'], rtol=1e-5) and (rec['vlb'] > 0).all()
+    with pytest.raises(SettingsMismatch, match='sdm'):  # the SDM arguments are part of the run's settings
+        train_diffusion(_sdm(model_channels=64), tiles, tmp_path/'cut', **kw)
+    with pytest.raises(ValueError, match='2 classes give 4 label channels, the model has 6'):
+        train_diffusion(_sdm(), tiles, tmp_path/'bad', n_classes=2, **kw)
+
+
+def test_sdm_save_load_round_trip(batch, tmp_path):
+    x, lab = batch[0][:2, :, :16, :16], batch[1][:2, :, :16, :16]; t = torch.tensor([0, 640])
+    model = _sdm(); sched = make_noise_scheduler()
+    save_diffusion(tmp_path/'m', model, sched)
+    conf = json.loads((tmp_path/'m'/'unet'/'config.json').read_text())
+    assert conf == {'_class_name': 'SDMUNet', **{k: list(v) if isinstance(v, tuple) else v for k, v in sdm_config('tiny').items()}}
+    assert sorted(p.name for p in (tmp_path/'m').iterdir()) == ['scheduler', 'unet']
+    assert sorted(p.name for p in (tmp_path/'m'/'unet').iterdir()) == ['config.json', SDM_WEIGHTS]
+    m2, s2 = load_diffusion(tmp_path/'m')
+    assert type(m2) is SDMUNet and m2.args == model.args and torch.equal(s2.alphas_cumprod, sched.alphas_cumprod)
+    with torch.no_grad():
+        assert torch.equal(m2(x, t, lab), model(x, t, lab))
+        assert torch.equal(load_sdm(tmp_path/'m'/'unet'/SDM_WEIGHTS, 'tiny')(x, t, lab), model(x, t, lab))  # the authors' layout
+    assert set(torch.load(tmp_path/'m'/'unet'/SDM_WEIGHTS, weights_only=True)) == set(model.state_dict())
+
+
+def test_train_sdm_from_the_authors_checkpoint(tiles, tmp_path):
+    src = _sdm(seed=7); ck = save_sdm(src, tmp_path/'ema_0.9999_010000.pt')
+    kw = dict(steps=1, batch_size=2, patch_size=16, lr=0.0, ema_decay=0.9, seed=0)  # lr 0: the weights stay the file's
+    run = train_diffusion(SDMUNet(**sdm_config('tiny')), tiles, tmp_path/'run', init_from=ck, **kw)
+    for (k, a), b in zip(src.state_dict().items(), run.model.state_dict().values()): assert torch.equal(a, b), k
+    assert np.isfinite(run.losses[0])
+    resumed = train_diffusion(SDMUNet(**sdm_config('tiny')), tiles, tmp_path/'run', init_from=ck, **{**kw, 'steps': 2}, extend=True)
+    assert resumed.resumed_from == 1  # a resumed run continues from its own checkpoint, the file is not read again
+    with pytest.raises(SettingsMismatch, match='init_from'):
+        train_diffusion(SDMUNet(**sdm_config('tiny')), tiles, tmp_path/'run', init_from=tmp_path/'other.pt', **kw)
+    with pytest.raises(ValueError, match='does not match the SDM config'):  # a checkpoint of another label set
+        train_diffusion(SDMUNet(**sdm_config('tiny', label_channels=5)), tiles, tmp_path/'v', init_from=ck, n_classes=3, **kw)
+    with pytest.raises(ValueError, match='SDMUNet'): train_diffusion(_sem(), tiles, tmp_path/'s', init_from=ck, **kw)
+
+
+def test_sdm_guided_ddim_from_start_step_equals_hand_steps_and_is_seeded(batch):
+    # DiffMix's sampler on the tiny SDM: real patches noised to step 3 of 5 (authors' leading spacing: t = 600), 4 steps
+    # of DDIM (eta 0) under guidance s = 1.5 (authors' form), against the steps written out; deterministic per seed
+    x0, lab = batch[0][:2, :, :16, :16], batch[1][:2, :, :16, :16]
+    model = _sdm(); sched = make_noise_scheduler(); abar = sched.alphas_cumprod; s = 1.5
+    taus = [600, 400, 200, 0]
+    assert start_timestep(sched, 5, 3, 'leading') == 600
+    def eps_fn(y, t):
+        tt = torch.full((len(y),), t)
+        with torch.no_grad():
+            e_c, e_u = model(y, tt, lab)[:, :3], model(y, tt, torch.zeros_like(lab))[:, :3]
+        return e_u + s * (e_c - e_u)
+    draw = _noise([3, 4], x0.shape[1:]); y_T = draw()
+    y_T = abar[taus[0]].sqrt() * x0 + (1 - abar[taus[0]]).sqrt() * y_T
+    out = ddim_sample(model, sched, y0=x0, start_step=3, steps=5, x=lab, s=s, seed=3, spacing='leading')
+    torch.testing.assert_close(out, _ddim_by_hand(eps_fn, abar, y_T, taus, 0.0, draw), atol=1e-4, rtol=0)
+    assert torch.equal(out, ddim_sample(model, sched, y0=x0, start_step=3, steps=5, x=lab, s=s, seed=3, spacing='leading'))
+    torch.testing.assert_close(out[1:], ddim_sample(model, sched, y0=x0[1:], start_step=3, steps=5, x=lab[1:], s=s, seed=4,
+                                                    spacing='leading'), atol=1e-5, rtol=0)  # a patch depends on its seed only
+    other = ddim_sample(model, sched, y0=x0, start_step=3, steps=5, x=lab, s=s, seed=5, spacing='leading')
+    assert (other - out).abs().max() > 1e-3
+    # the DiffMix schedule itself: 55 guided steps (2 x 55 network evaluations) from t = 540 on the authors' spacing
+    seen = []
+    h = model.register_forward_hook(lambda m, a, o: seen.append(int(a[1][0])))
+    ddim_sample(model, sched, y0=x0[:1], start_step=54, steps=100, x=lab[:1], s=s, seed=0, spacing='leading')
+    h.remove()
+    assert len(seen) == 55 and seen[0] == 540 and seen[-1] == 0
+    with pytest.raises(ValueError, match="'dpm\\+\\+' runs with 'trailing'"):
+        ddim_sample(model, sched, y0=x0, start_step=3, steps=5, x=lab, solver='dpm++', spacing='leading')

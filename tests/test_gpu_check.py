@@ -34,7 +34,8 @@ def test_cpu_smoke_gives_a_row_per_model_and_a_summary():
     table = out[out.rindex('\nmodel ') + 1:]
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:] if line and not line.startswith((' ', 'SUMMARY'))}
     names = [e.name for e in gc.REGISTRY]
-    assert len(names) >= 9 and {'hovernet', 'smooth-gan', 'unet', 'semantic-unet', 'ddim-sample', 'adm-256', 'adm-mcg'} <= set(names)
+    assert len(names) >= 11 and {'hovernet', 'smooth-gan', 'unet', 'semantic-unet', 'ddim-sample', 'adm-256', 'adm-mcg',
+                                 'sdm-256', 'sdm-ddim'} <= set(names)
     for name in names: assert rows.get(name) == 'ok', (name, out, r.stderr)
     last = out.strip().splitlines()[-1]
     assert last.startswith('SUMMARY: PASS'), out
@@ -117,3 +118,18 @@ def test_adm_entries_use_the_paper_network_and_tiny_in_the_smoke_run():
     # the zero-initialised convs were re-initialised, so the equality probes compare non-zero outputs
     assert all(m.weight.any() for m in tiny.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)))
     with torch.no_grad(): assert tiny(torch.randn(1, 3, 32, 32), torch.tensor([3])).abs().min() > 0
+
+
+def test_sdm_entries_use_the_paper_network_and_tiny_in_the_smoke_run():
+    from nucbook.models.sdm import SDMUNet, sdm_config
+    paper_preset, smoke_preset = gc.SDM_PRESETS_GC
+    with torch.device('meta'): paper = SDMUNet(**sdm_config(paper_preset))
+    assert sum(p.numel() for p in paper.parameters()) == 652_256_518 and paper.image_size == 256 and paper.label_channels == 6
+    tiny = gc._sdm_setup(gc.Ctx(torch.device('cpu'), smoke=True))
+    assert tiny.args == sdm_config(smoke_preset) == sdm_config('tiny')
+    # the zero-initialised convs were re-initialised, so the equality probes compare non-zero outputs that depend on the label
+    assert all(m.weight.any() for m in tiny.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)))
+    x, t, lab = torch.randn(1, 3, 32, 32), torch.tensor([3]), gc._label_maps(1, 32, 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = tiny(x, t, lab)
+        assert out.abs().min() > 0 and (out - tiny(x, t)).abs().max() > 1e-3

@@ -26,14 +26,17 @@ from ..data.crops import pad_to
 from .loop import ResumableLoop, Stateful, data_identity, step_seed
 from ..models.unet import DIFFUSION_SIZES, make_unet, SemanticUNet, make_semantic_unet, is_semantic
 from ..models.adm import ADMUNet, adm_config, load_adm, save_adm
+from ..models.sdm import SDMUNet, sdm_config, load_sdm, save_sdm
 
 # %% auto #0
-__all__ = ['ADM_WEIGHTS', 'to_model_range', 'to_uint8', 'label_channels', 'n_classes_of', 'patch_batch', 'make_noise_scheduler',
-           'model_side', 'split_output', 'diffusion_loss', 'drop_labels', 'GaussianTerms', 'gaussian_terms',
+__all__ = ['ADM_WEIGHTS', 'SDM_WEIGHTS', 'GUIDANCE_CONVENTIONS', 'TIMESTEP_SPACINGS', 'to_model_range', 'to_uint8',
+           'label_channels', 'n_classes_of', 'patch_batch', 'make_noise_scheduler', 'model_side',
+           'model_label_channels', 'split_output', 'diffusion_loss', 'drop_labels', 'GaussianTerms', 'gaussian_terms',
            'schedule_terms', 'q_posterior', 'predict_x0', 'respace', 'learned_log_variance', 'p_mean_variance',
            'normal_kl', 'approx_standard_normal_cdf', 'discretized_gaussian_log_likelihood', 'vlb_bits', 'ema_weights',
-           'save_diffusion', 'load_diffusion', 'DiffusionRun', 'train_diffusion', 'cfg_combine', 'predict_eps',
-           'ddim_scheduler', 'patch_seeds', 'randn_per_patch', 'ddim_sample', 'patch_fid_kid']
+           'save_diffusion', 'load_diffusion', 'DiffusionRun', 'train_diffusion', 'guidance_weight', 'cfg_combine',
+           'predict_eps', 'ddim_scheduler', 'start_timestep', 'patch_seeds', 'randn_per_patch', 'ddim_sample',
+           'patch_fid_kid']
 
 # %% ../../nbs/09_diffusion.ipynb #8e7261ba
 def to_model_range(
@@ -105,9 +108,9 @@ def make_noise_scheduler(
 
 # %% ../../nbs/09_diffusion.ipynb #f1fabe40
 def model_side(
-    model, # UNet2DModel, SemanticUNet or ADMUNet
+    model, # UNet2DModel, SemanticUNet, ADMUNet or SDMUNet
 ) -> int:
-    "The patch side a diffusion model is built for: `config.sample_size` (diffusers models) or `image_size` (ADMUNet)."
+    "The patch side a diffusion model is built for: `config.sample_size` (diffusers models) or `image_size` (ADMUNet, SDMUNet)."
     cfg = getattr(model, 'config', None)
     side = getattr(cfg, 'sample_size', None) if cfg is not None else None
     if side is None: side = getattr(model, 'image_size', None)
@@ -116,8 +119,17 @@ def model_side(
         raise ValueError(f'{type(model).__name__} has no patch side (neither config.sample_size nor image_size): pass the size')
     return side
 
+def model_label_channels(
+    model, # a label-conditioned model: SemanticUNet or SDMUNet
+) -> int:
+    "Channels of the label maps `model` reads: `label_channels` (SDMUNet) or `config.label_channels` (SemanticUNet)."
+    if not is_semantic(model): raise ValueError(f'{type(model).__name__} takes no label map')
+    cfg = getattr(model, 'config', None)  # diffusers models: read the config (their attribute access is deprecated)
+    c = getattr(cfg, 'label_channels', None) if cfg is not None else None
+    return int(c if c is not None else model.label_channels)
+
 def split_output(
-    out, # a model's output: an object with `.sample` (diffusers) or a tensor N x C x H x W (ADMUNet)
+    out, # a model's output: an object with `.sample` (diffusers) or a tensor N x C x H x W (ADMUNet, SDMUNet)
     channels:int=3, # image channels
 ) -> tuple[torch.Tensor, torch.Tensor|None]:
     "(eps, v) of a model output; v, the variance values in [-1, 1], is None unless the model predicts a variance."
@@ -129,7 +141,7 @@ def split_output(
 
 # %% ../../nbs/09_diffusion.ipynb #d0cf7295
 def diffusion_loss(
-    model, # UNet2DModel, SemanticUNet or ADMUNet
+    model, # UNet2DModel, SemanticUNet, ADMUNet or SDMUNet
     noise_scheduler:DDPMScheduler, # gives alpha-bar_t
     y0:torch.Tensor, # clean patches N x 3 x H x W in [-1, 1]
     t:torch.Tensor, # timesteps (N,)
@@ -311,6 +323,7 @@ def vlb_bits(
 
 # %% ../../nbs/09_diffusion.ipynb #e36ef0d4
 ADM_WEIGHTS = 'adm.pt' # file name of an ADMUNet's weights in a `save_diffusion` folder (a guided-diffusion state dict)
+SDM_WEIGHTS = 'sdm.pt' # file name of an SDMUNet's weights in a `save_diffusion` folder (a state dict in the authors' layout)
 
 def ema_weights(model, ema:EMAModel):
     "A copy of `model` carrying the EMA weights."
@@ -318,19 +331,20 @@ def ema_weights(model, ema:EMAModel):
 
 def save_diffusion(
     path:str|Path, # folder to (re)write
-    model, # UNet2DModel, SemanticUNet or ADMUNet
+    model, # UNet2DModel, SemanticUNet, ADMUNet or SDMUNet
     noise_scheduler:DDPMScheduler, # the training schedule
     ema:EMAModel|None=None, # if given, its weights are saved (the weights to sample from)
 ) -> Path:
-    "Save `path/unet` and `path/scheduler` (diffusers' layouts; an ADMUNet as config.json + guided-diffusion state dict), atomically."
+    "Save `path/unet` and `path/scheduler` (diffusers' layouts; an ADMUNet / SDMUNet as config.json + its own state dict), atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.'))
     try:
         m = model if ema is None else ema_weights(model, ema)
-        if isinstance(m, ADMUNet):  # guided-diffusion key layout: `load_adm(path/'unet'/ADM_WEIGHTS, config)` reads it
+        if isinstance(m, (ADMUNet, SDMUNet)):  # their own key layouts: `load_adm` / `load_sdm(path/'unet'/..., config)` read them
+            name, weights, save = ('ADMUNet', ADM_WEIGHTS, save_adm) if isinstance(m, ADMUNet) else ('SDMUNet', SDM_WEIGHTS, save_sdm)
             (tmp/'unet').mkdir()
-            (tmp/'unet'/'config.json').write_text(json.dumps({'_class_name': 'ADMUNet', **m.args}, indent=2))
-            save_adm(m, tmp/'unet'/ADM_WEIGHTS)
+            (tmp/'unet'/'config.json').write_text(json.dumps({'_class_name': name, **m.args}, indent=2))
+            save(m, tmp/'unet'/weights)
         else: m.save_pretrained(tmp/'unet')
         noise_scheduler.save_pretrained(tmp/'scheduler')
         if not is_semantic(model) and not isinstance(model, ADMUNet):  # stock diffusers can load it: DDPMPipeline.from_pretrained(path)
@@ -351,9 +365,10 @@ def load_diffusion(
     path = Path(path); cfg = path/'unet'/'config.json'
     if not cfg.exists(): raise FileNotFoundError(f'{cfg}: not a saved diffusion model (no unet/config.json)')
     conf = json.loads(cfg.read_text()); name = conf.get('_class_name')
-    if name == 'ADMUNet':
+    if name in ('ADMUNet', 'SDMUNet'):
         args = {k: tuple(v) if isinstance(v, list) else v for k, v in conf.items() if not k.startswith('_')}
-        return load_adm(path/'unet'/ADM_WEIGHTS, args, device=device), DDPMScheduler.from_pretrained(path/'scheduler')
+        load, weights = (load_adm, ADM_WEIGHTS) if name == 'ADMUNet' else (load_sdm, SDM_WEIGHTS)
+        return load(path/'unet'/weights, args, device=device), DDPMScheduler.from_pretrained(path/'scheduler')
     cls = {'UNet2DModel': UNet2DModel, 'SemanticUNet': SemanticUNet}.get(name)
     if cls is None: raise ValueError(f'{cfg}: unknown model class {name!r}')
     return (cls.from_pretrained(path/'unet', low_cpu_mem_usage=False).to(device).eval(),
@@ -377,7 +392,7 @@ def _step_generator(seed:int, step:int) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed(seed, step))
 
 def train_diffusion(
-    model, # UNet2DModel, SemanticUNet or ADMUNet, on the device to train on
+    model, # UNet2DModel, SemanticUNet, ADMUNet or SDMUNet, on the device to train on
     samples:Sequence[Sample], # training tiles
     out_dir:str|Path, # checkpoint.pt and the final model/ go here; an existing checkpoint is resumed (same settings only)
     steps:int=1000, # total optimisation steps
@@ -398,23 +413,26 @@ def train_diffusion(
     extend:bool=False, # allow more steps than the checkpoint's run had (train a finished run on)
     max_seconds:float|None=None, # stop with a checkpoint after this many seconds; call again to continue
     progress:bool=False, # tqdm progress bar
-    init_from:str|Path|None=None, # guided-diffusion checkpoint to start an ADMUNet from (read by `load_adm` on a fresh run)
+    init_from:str|Path|None=None, # state dict to start from on a fresh run: guided-diffusion's for an ADMUNet (`load_adm`), the SDM authors' for an SDMUNet (`load_sdm`)
 ) -> DiffusionRun:
     "Train a patch diffusion model with the DDPM (or, learned variance, hybrid) objective on a `ResumableLoop`."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     noise_scheduler = noise_scheduler or make_noise_scheduler()
     device = next(model.parameters()).device
     size = patch_size or model_side(model)
-    adm = isinstance(model, ADMUNet)
+    adm, sdm = isinstance(model, ADMUNet), isinstance(model, SDMUNet)
     if init_from is not None:
-        if not adm: raise ValueError(f'init_from names a guided-diffusion checkpoint: the model must be an ADMUNet, not {type(model).__name__}')
+        if not (adm or sdm):
+            raise ValueError(f'init_from names a guided-diffusion (ADMUNet) or SDM (SDMUNet) checkpoint: the model must be one of '
+                             f'those, not {type(model).__name__}')
         if not (out_dir/'checkpoint.pt').exists():  # fresh run (a resumed one continues from its own weights)
-            model.load_state_dict(load_adm(init_from, model.args).state_dict())
+            model.load_state_dict((load_adm if adm else load_sdm)(init_from, model.args).state_dict())
     semantic = is_semantic(model)
     if semantic:
-        n_classes = n_classes if n_classes is not None else model.config.label_channels - 2
-        if n_classes + 2 != model.config.label_channels:
-            raise ValueError(f'{n_classes} classes give {n_classes + 2} label channels, the model has {model.config.label_channels}')
+        lc = model_label_channels(model)
+        n_classes = n_classes if n_classes is not None else lc - 2
+        if n_classes + 2 != lc:
+            raise ValueError(f'{n_classes} classes give {n_classes + 2} label channels, the model has {lc}')
     if not len(samples): raise ValueError('no training samples')
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps else 1.0)
@@ -424,7 +442,7 @@ def train_diffusion(
                     ema_decay=ema_decay, p_uncond=p_uncond if semantic else None, n_classes=n_classes if semantic else None,
                     amp=amp, model=model, data=data_identity(samples),
                     noise_schedule={k: v for k, v in noise_scheduler.config.items() if not k.startswith('_')})
-    if adm: settings.update(adm=model.args, init_from=None if init_from is None else str(init_from))
+    if adm or sdm: settings.update({'adm' if adm else 'sdm': model.args, 'init_from': None if init_from is None else str(init_from)})
     T = noise_scheduler.config.num_train_timesteps
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
@@ -457,48 +475,84 @@ def train_diffusion(
                         loop.finished)
 
 # %% ../../nbs/09_diffusion.ipynb #2eb83fef
+GUIDANCE_CONVENTIONS = ('authors', 'paper') # classifier-free guidance: the DiffMix/SDM code, or DiffMix Eq. 7 as printed
+
+def guidance_weight(
+    s:float, # guidance scale in `convention`
+    convention:str='authors', # 'authors': eps_u + s (eps_c - eps_u); 'paper': eps_c + s (eps_c - eps_u)
+) -> float:
+    "The scale w of the authors' form eps_u + w (eps_c - eps_u) that `s` under `convention` amounts to."
+    if convention not in GUIDANCE_CONVENTIONS:
+        raise ValueError(f'unknown guidance convention {convention!r}; choose one of {GUIDANCE_CONVENTIONS}')
+    return s if convention == 'authors' else s + 1
+
 def cfg_combine(
     eps_c:torch.Tensor, # conditional prediction eps(y_t|x)
     eps_u:torch.Tensor, # unconditional prediction eps(y_t|null)
-    s:float, # guidance scale: 0 unconditional, 1 conditional, >1 stronger guidance (DiffMix 1.5)
+    s:float, # guidance scale (DiffMix 1.5 in both conventions)
+    convention:str='authors', # 'authors': eps_u + s (eps_c - eps_u) (DiffMix/SDM code); 'paper': eps_c + s (eps_c - eps_u) (Eq. 7)
 ) -> torch.Tensor:
-    "Classifier-free guidance: eps_u + s (eps_c - eps_u)."
-    return eps_u + s * (eps_c - eps_u)
+    "Classifier-free guidance of two noise predictions, in the authors' or the paper's convention."
+    if convention not in GUIDANCE_CONVENTIONS:
+        raise ValueError(f'unknown guidance convention {convention!r}; choose one of {GUIDANCE_CONVENTIONS}')
+    if convention == 'authors': return eps_u + s * (eps_c - eps_u)
+    return eps_c + s * (eps_c - eps_u)
 
 def predict_eps(
-    model, # UNet2DModel, SemanticUNet or ADMUNet
+    model, # UNet2DModel, SemanticUNet, ADMUNet or SDMUNet
     y_t:torch.Tensor, # noisy patches N x 3 x H x W
     t:torch.Tensor|int, # timestep(s)
     x:torch.Tensor|None=None, # label maps (semantic model); None = unconditional
     s:float=1.0, # guidance scale (semantic model with a label)
+    convention:str='authors', # guidance convention, see `cfg_combine`
 ) -> torch.Tensor:
     "eps_theta(y_t, t), with classifier-free guidance for a label-conditioned model (one batched pass for both terms)."
+    w = guidance_weight(s, convention)  # validates the convention
     t = torch.as_tensor(t, device=y_t.device)
     if t.ndim == 0: t = t.expand(y_t.shape[0])
+    C = y_t.shape[1]
     if not is_semantic(model):
         if x is not None: raise ValueError('an unconditional model takes no label map')
-        return split_output(model(y_t, t), y_t.shape[1])[0]  # an ADMUNet's variance channels are not used here
-    if x is None or s == 0: return model(y_t, t, None).sample
-    if s == 1: return model(y_t, t, x).sample
-    eps = model(torch.cat([y_t, y_t]), torch.cat([t, t]), torch.cat([x, torch.zeros_like(x)])).sample
+        return split_output(model(y_t, t), C)[0]  # an ADMUNet's variance channels are not used here
+    if x is None or w == 0: return split_output(model(y_t, t, None), C)[0]  # unconditional (null label)
+    if w == 1: return split_output(model(y_t, t, x), C)[0]  # conditional
+    eps = split_output(model(torch.cat([y_t, y_t]), torch.cat([t, t]), torch.cat([x, torch.zeros_like(x)])), C)[0]
     eps_c, eps_u = eps.chunk(2)
-    return cfg_combine(eps_c, eps_u, s)
+    return cfg_combine(eps_c, eps_u, s, convention)
+
 
 # %% ../../nbs/09_diffusion.ipynb #44626996
+TIMESTEP_SPACINGS = ('trailing', 'leading') # DDIM timesteps: diffusers' trailing (999, 989, ...) or the authors' ddimN (990, 980, ..., 0)
+
 def ddim_scheduler(
     noise_scheduler:DDPMScheduler, # the training schedule
     steps:int, # number of DDIM steps
+    spacing:str='trailing', # 'trailing' (t = 999, 989, ..., 9 for 100 steps) or 'leading' (990, ..., 0: SDM/DiffMix's ddim100)
 ) -> DDIMScheduler:
-    "A `DDIMScheduler` on the training schedule's betas, `trailing` spacing, set to `steps` steps."
-    d = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing='trailing', clip_sample=True, set_alpha_to_one=True)
+    "A `DDIMScheduler` on the training schedule's betas, with `spacing`, set to `steps` steps."
+    if spacing not in TIMESTEP_SPACINGS: raise ValueError(f'unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}')
+    d = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing=spacing, clip_sample=True, set_alpha_to_one=True)
     d.set_timesteps(steps)
     return d
 
-def _solver(noise_scheduler, steps, solver):
-    if solver == 'ddim': return ddim_scheduler(noise_scheduler, steps)
+def start_timestep(
+    noise_scheduler:DDPMScheduler, # the training schedule
+    steps:int, # number of DDIM steps of the full schedule
+    start_step:int, # step to start at, counted from the clean end (0 = the last step; DiffMix: 54 of 100)
+    spacing:str='trailing', # see `ddim_scheduler`
+) -> int:
+    "The training timestep t_0 at which `ddim_sample` noises a real patch to start from step `start_step` of `steps`."
+    if not 0 <= start_step < steps: raise ValueError(f'start_step must be in 0..{steps - 1}, got {start_step}')
+    ts = ddim_scheduler(noise_scheduler, steps, spacing).timesteps
+    return int(ts[len(ts) - 1 - start_step])
+
+def _solver(noise_scheduler, steps, solver, spacing='trailing'):
+    if solver == 'ddim': return ddim_scheduler(noise_scheduler, steps, spacing)
     if solver == 'dpm++':
+        if spacing != 'trailing': raise ValueError(f"solver 'dpm++' runs with 'trailing' timestep spacing only, not {spacing!r}")
         d = DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type='dpmsolver++', solver_order=2,
-                                                    timestep_spacing='trailing', thresholding=False)
+                                                    timestep_spacing='trailing', thresholding=True,
+                                                    sample_max_value=1.0)  # x0 clipped to [-1, 1], as DDIM's clip_sample
         d.set_timesteps(steps)
         return d
     raise ValueError(f"unknown solver {solver!r}; choose 'ddim' or 'dpm++'")
@@ -519,7 +573,7 @@ def randn_per_patch(shape, gens) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(
-    model, # UNet2DModel, SemanticUNet or ADMUNet (its device is used)
+    model, # UNet2DModel, SemanticUNet, ADMUNet or SDMUNet (its device is used)
     noise_scheduler:DDPMScheduler, # the training schedule
     n:int|None=None, # number of patches from pure noise (default: len(y0) or len(x))
     steps:int=50, # DDIM steps of the full schedule
@@ -528,12 +582,15 @@ def ddim_sample(
     start_step:int|None=None, # start at this step of the schedule (DiffMix: 54 of 100 -> 55 denoising steps)
     x:torch.Tensor|None=None, # label maps N x C x H x W (semantic model)
     s:float=1.0, # classifier-free guidance scale (DiffMix 1.5)
+    convention:str='authors', # guidance convention: 'authors' (DiffMix/SDM code) or 'paper' (Eq. 7), see `cfg_combine`
     seed:int|Sequence[int]=0, # int: patch i gets seed+i; or one seed per patch
     size:int|None=None, # patch side when sampling from noise (default: `model_side(model)`)
     batch_size:int=16, # patches per forward pass
     solver:str='ddim', # 'ddim' (DDIMScheduler) or 'dpm++' (2nd-order multistep DPM-Solver++, deterministic)
+    spacing:str='trailing', # DDIM timestep spacing: 'trailing' or 'leading' (the authors' ddim100), see `ddim_scheduler`
 ) -> torch.Tensor:
     "DDIM samples N x 3 x H x W in [-1, 1], from noise or from real patches noised to `start_step`."
+    guidance_weight(s, convention)  # fail early on an unknown convention
     if solver == 'dpm++' and eta > 0: raise ValueError('dpm++ is deterministic: use eta=0')
     device = next(model.parameters()).device
     if (y0 is None) != (start_step is None): raise ValueError('give both y0 and start_step (start from a real patch), or neither')
@@ -543,21 +600,22 @@ def ddim_sample(
     if x is not None and len(x) != n: raise ValueError(f'{len(x)} label maps for n={n}')
     size = size or model_side(model)
     shape = tuple(y0.shape[1:]) if y0 is not None else (3, size, size) if x is None else (3, *x.shape[-2:])
-    timesteps = _solver(noise_scheduler, steps, solver).timesteps; begin = 0
+    timesteps = _solver(noise_scheduler, steps, solver, spacing).timesteps; begin = 0
     if start_step is not None:
-        if not 0 <= start_step < steps: raise ValueError(f'start_step must be in 0..{steps - 1}, got {start_step}')
+        t0 = start_timestep(noise_scheduler, steps, start_step, spacing)
         begin = len(timesteps) - 1 - start_step; timesteps = timesteps[begin:]
+        if int(timesteps[0]) != t0: raise RuntimeError(f'{solver} starts at t={int(timesteps[0])}, not at t_0={t0}')
     seeds = patch_seeds(seed, n); out = []
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
     for b in range(0, n, batch_size):
         gens = [torch.Generator().manual_seed(sd) for sd in seeds[b:b + batch_size]]
-        sch = _solver(noise_scheduler, steps, solver)  # fresh per batch (DPM-Solver keeps a history)
+        sch = _solver(noise_scheduler, steps, solver, spacing)  # fresh per batch (DPM-Solver keeps a history)
         if solver == 'dpm++': sch.set_begin_index(begin)
         y = randn_per_patch(shape, gens)
-        if y0 is not None: y = noise_scheduler.add_noise(y0[b:b + batch_size].float().cpu(), y, timesteps[:1])
+        if y0 is not None: y = noise_scheduler.add_noise(y0[b:b + batch_size].float().cpu(), y, torch.tensor([t0]))  # y_{t_0}
         y = y.to(device); xb = None if x is None else x[b:b + batch_size].to(device)
         for t in timesteps:
-            with torch.autocast(**amp): eps = predict_eps(model, y, t.to(device), xb, s).float()
+            with torch.autocast(**amp): eps = predict_eps(model, y, t.to(device), xb, s, convention).float()
             z = randn_per_patch(shape, gens).to(device) if eta > 0 else None
             y = (sch.step(eps, t, y, eta=eta, variance_noise=z) if solver == 'ddim' else sch.step(eps, t, y)).prev_sample
         out.append(y.clamp(-1, 1).cpu())

@@ -1,3 +1,4 @@
 "Layer 3: network architectures (HoVer-Net, diffusion UNets)."
 from .adm import *
 from .ctranspath import *
+from .sdm import *

@@ -165,7 +165,9 @@ def make_semantic_unet(
     "A label-conditioned SDM-style UNet of a named size."
     return SemanticUNet(label_channels=n_classes + 2, **_size_config(size, overrides))
 
-def is_semantic(model) -> bool:
-    "Whether `model` takes a label map."
-    return isinstance(model, SemanticUNet)
+def is_semantic(
+    model, # a diffusion network (SemanticUNet, UNet2DModel, nucbook.models.sdm.SDMUNet, ...)
+) -> bool:
+    "Whether `model` takes a label map: a `SemanticUNet`, or any network whose class sets `takes_label = True` (`SDMUNet`)."
+    return isinstance(model, SemanticUNet) or getattr(model, 'takes_label', False) is True
 
