@@ -798,6 +798,9 @@ def main(argv:list|None=None) -> int:
     before = {}
     if threading.current_thread() is threading.main_thread():  # SIGTERM, SIGHUP: stop as on Ctrl-C (runs stopped, one line)
         before = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        # Ctrl-C raises KeyboardInterrupt even where SIGINT came in ignored (a command started with `&` by a
+        # non-interactive shell inherits SIG_IGN, and so would its runs and their kernels)
+        before[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warn  # one line per warning, e.g. a dataset whose hashes were never verified

@@ -399,8 +399,10 @@ def test_stopping_the_batch_stops_its_runs(tmp_path, sig):
     "SIGTERM or Ctrl-C (SIGINT) to the batch: each run's process group ends, then the batch, with one line and no traceback."
     xs = [1, 2] if sig == 'SIGTERM' else [1]
     nb, grid, release, runs = _slow_grid(tmp_path, xs)
+    # SIGINT comes in ignored, as for a command started with `&` by a non-interactive shell: Ctrl-C must still stop it
+    ignore_int = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sig == 'SIGINT' else None
     b = subprocess.Popen(NUCBOOK + ['batch', str(grid), '--jobs', '2'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True, preexec_fn=ignore_int)
     try:
         _wait_for(lambda: all((r/'kernel.json').exists() for r in runs), 90, 'the runs started')
         pids = [p for r in runs for p in _run_pids(r)]

@@ -10,7 +10,8 @@ from scipy.optimize import linear_sum_assignment
 from nucbook.eval import metrics as M
 from nucbook.eval.metrics import (dice1, dice2, aji, aji_plus, pq, object_f1, pixel_f1, instance_metrics, overlaps,
                              classification_stats, pair_centroids, class_pq_counts, class_pq, pooled_class_pq,
-                             evaluate, remap_ids, CONVENTIONS, resolve_conventions, class_counts, count_r2)
+                             evaluate, remap_ids, CONVENTIONS, resolve_conventions, class_counts, count_r2,
+                             aji_gong, object_dice, average_precision, AP_THRESHOLDS, AP_KEYS, EXTRA_METRICS)
 from nucbook.data.sample import Sample, LabelError, make_sample, instance_centroids
 
 
@@ -522,3 +523,270 @@ def test_evaluate_pooled_r2_per_group():
     assert np.isnan(pooled.loc['unseen', 'r2'])
     n_t, n_p = class_counts(trues, [1, 2]), class_counts(preds, [1, 2])
     assert pooled.loc['all', 'r2'] == pytest.approx(count_r2(n_t, n_p)[0], abs=1e-15)
+
+
+# ---------------------------------------------------------------- Gong et al.'s AJI, object-level Dice, AP over IoU thresholds
+def ref_aji_gong(true, pred):
+    "Eqs. 10-11 of Gong et al., one mask per instance: T_i in id order takes the unused P_j of largest exact IoU."
+    _, _, inter, union, at, ap = ref_tables(true, pred)
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    used = np.zeros(len(ap), bool); C = U = 0.0
+    for i in range(len(at)):
+        cand = np.where((inter[i] > 0) & ~used, iou[i], -1.0)
+        j = int(np.argmax(cand)) if len(ap) else 0
+        if len(ap) and cand[j] > 0: used[j] = True; C += inter[i, j]; U += union[i, j]
+        else: U += at[i]                                        # no overlapping prediction left
+    return C / (U + ap[~used].sum())
+
+def ref_object_dice(true, pred):
+    "GlaS object Dice, one mask per instance; the most overlapping partner, lowest id on ties."
+    _, _, inter, _, at, ap = ref_tables(true, pred)
+    def side(inter, a, b):  # sum over the objects of a of |a_i| / sum|a| * Dice(a_i, best b)
+        out = 0.0
+        for i in range(len(a)):
+            j = int(np.argmax(inter[i])) if len(b) else 0
+            if len(b) and inter[i, j] > 0: out += a[i] / a.sum() * 2 * inter[i, j] / (a[i] + b[j])
+        return out
+    return 0.5 * (side(inter, at, ap) + side(inter.T, ap, at))
+
+def ref_stardist_tp(true, pred, thr, match='>='):
+    "stardist.matching: Hungarian on -(IoU >= thr) - IoU / (2 n_matched) over the full matrix, then count the hits."
+    _, _, inter, union, at, ap = ref_tables(true, pred)
+    scores = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    n = min(len(at), len(ap))
+    if n == 0: return 0
+    hit = scores >= thr if match == '>=' else scores > thr
+    r, c = linear_sum_assignment(-hit.astype(float) - scores / (2 * n))
+    return int(hit[r, c].sum())
+
+def hand_strip_ab():
+    "A (20 px) and B (8 px) touching; P (20 px) over the right of A and all of B, Q (8 px) the left of A."
+    t = np.zeros((2, 14), np.int32); t[:, 0:10] = 1; t[:, 10:14] = 2
+    p = np.zeros_like(t); p[:, 4:14] = 5; p[:, 0:4] = 9
+    return t, p
+
+def hand_ap_maps():
+    "T1 split 12 + 8 (IoU .6, .4); T2 inside P3 (IoU .5), touching T1; T3 exact; T4 missed."
+    t = np.zeros((8, 10), np.int32); square(t, 0, 0, 4, 5, 1); square(t, 0, 5, 2, 2, 2); square(t, 5, 0, 3, 3, 3)
+    square(t, 5, 6, 2, 2, 4)
+    p = np.zeros_like(t); square(p, 0, 0, 4, 3, 1); square(p, 0, 3, 4, 2, 2); square(p, 0, 5, 2, 4, 3)
+    square(p, 5, 0, 3, 3, 4)
+    return t, p
+
+def test_aji_gong_by_hand_differs_from_aji_and_aji_plus():
+    t, p = hand_strip_ab()
+    # IoU A:P = 12/28, A:Q = 8/20, B:P = 8/20. Gong: A takes P, B has nothing left, Q unused -> 12 / (28 + 8 + 8)
+    assert aji_gong(t, p) == pytest.approx(3 / 11, abs=1e-15)
+    assert aji(t, p) == pytest.approx(5 / 14, abs=1e-15)        # P reused: (12 + 8) / (28 + 20 + 8)
+    assert aji_plus(t, p) == pytest.approx(2 / 5, abs=1e-15)    # Hungarian: A:Q + B:P -> 16 / 40
+    # the order of the true ids matters (Eq. 10 visits i = 1, 2, ...): B first takes P, then A takes Q
+    assert aji_gong(np.where(t == 1, 9, np.where(t == 2, 4, 0)), p) == pytest.approx(2 / 5, abs=1e-15)
+    # prediction ids do not matter (no ties here)
+    assert aji_gong(t, np.where(p == 5, 1, np.where(p == 9, 2, 0))) == aji_gong(t, p)
+    # merge: two true nuclei (12 + 8 px) under one 20 px prediction
+    m = np.zeros((4, 5), np.int32); m[:, :3] = 1; m[:, 3:] = 2
+    assert aji_gong(m, np.ones_like(m)) == pytest.approx(12 / 28) and aji(m, np.ones_like(m)) == pytest.approx(0.5)
+
+def test_aji_gong_zero_overlap_and_ties():
+    # T1 overlaps nothing; the literal argmax of Eq. 10 would hand it P1 (IoU 0) and leave T2 unmatched
+    t = np.zeros((2, 8), np.int32); t[:, 0:2] = 1; t[:, 4:8] = 2
+    p = np.zeros_like(t); p[:, 4:8] = 1
+    assert aji_gong(t, p) == pytest.approx(8 / (8 + 4))        # T2 exact, T1 adds its 4 px
+    # a tie of exact IoU goes to the lowest prediction id: T (12 px) has P1 = 4 px inside (IoU 4/12) and P2 = 8 px,
+    # 5 inside (IoU 5/15). P1 first: 4 / (12 + 8); P2 first: 5 / (15 + 4). HoVer-Net's IoU / (union + 1e-6) prefers
+    # the larger union, P2, whatever the ids.
+    t = np.zeros((1, 16), np.int32); t[0, 0:12] = 1
+    p = np.zeros_like(t); p[0, 0:4] = 1; p[0, 7:15] = 2
+    assert aji_gong(t, p) == pytest.approx(4 / 20, abs=1e-15) and aji(t, p) == pytest.approx(5 / 19, abs=1e-15)
+    assert aji_gong(t, np.where(p > 0, 3 - p, 0)) == pytest.approx(5 / 19, abs=1e-15)   # ids swapped
+
+def test_object_dice_by_hand():
+    g = np.zeros((2, 20), np.int32); g[:, 0:6] = 1; g[:, 6:10] = 2; g[:, 14:16] = 3   # 12, 8 (touching), 4 px
+    s = np.zeros_like(g); s[:, 0:10] = 4; s[:, 17:20] = 8                               # 20 px over G1 + G2, 6 px FP
+    true_side = 12 / 24 * 24 / 32 + 8 / 24 * 16 / 28 + 0          # gamma_i Dice(G_i, S*(G_i)) = 95/168
+    pred_side = 20 / 26 * 24 / 32 + 0                             # sigma_j Dice(G*(S_j), S_j) = 15/26
+    assert (true_side, pred_side) == (pytest.approx(95 / 168), pytest.approx(15 / 26))
+    assert object_dice(g, s) == pytest.approx(2495 / 4368, abs=1e-15) == pytest.approx((true_side + pred_side) / 2)
+    assert object_dice(s, g) == pytest.approx(2495 / 4368, abs=1e-15)
+    # the partner is the one sharing the most pixels, not the best Dice: G (10 px) shares 4 px with S1 (4 px, Dice 4/7)
+    # and 6 px with S2 (30 px, Dice 12/40); G takes S2
+    g = np.zeros((1, 40), np.int32); g[0, 0:10] = 1
+    s = np.zeros_like(g); s[0, 0:4] = 1; s[0, 4:34] = 2
+    assert object_dice(g, s) == pytest.approx(0.5 * (12 / 40 + (4 / 34 * 8 / 14 + 30 / 34 * 12 / 40)), abs=1e-15)
+    assert object_dice(g, s) == pytest.approx(188 / 595, abs=1e-15)
+
+def test_average_precision_by_hand():
+    t, p = hand_ap_maps()
+    r = average_precision(t, p)
+    assert list(r['ap']) == list(AP_THRESHOLDS) and AP_THRESHOLDS[4] == 0.7          # decimal thresholds
+    assert [r['tp'][x] for x in AP_THRESHOLDS] == [3, 2, 2] + [1] * 7
+    assert [r['fp'][x] for x in (0.5, 0.6, 0.95)] == [1, 2, 3] and [r['fn'][x] for x in (0.5, 0.6, 0.95)] == [1, 2, 3]
+    np.testing.assert_allclose([r['ap'][x] for x in AP_THRESHOLDS], [3 / 5, 1 / 3, 1 / 3] + [1 / 7] * 7, atol=1e-15)
+    assert r['mean'] == pytest.approx(17 / 75, abs=1e-15)
+    assert (r['precision'][0.5], r['recall'][0.5], r['precision'][0.55], r['recall'][0.95]) == (0.75, 0.75, 0.5, 0.25)
+    # '>' (the DSB page's "greater than"): IoU exactly 0.5 and 0.6 no longer count
+    g = average_precision(t, p, match='>')
+    assert [g['tp'][x] for x in AP_THRESHOLDS] == [2, 2] + [1] * 8 and g['mean'] == pytest.approx(19 / 105, abs=1e-15)
+    # halves at IoU exactly 1/2 each: one TP, whether the prediction merges two nuclei or splits one
+    h = np.zeros((2, 4), np.int32); h[:, :2] = 1; h[:, 2:] = 2
+    for a, b, counts in ((h, np.ones_like(h), (1, 0, 1)), (np.ones_like(h), h, (1, 1, 0))):
+        r = average_precision(a, b, thresholds=[0.5])
+        assert (r['tp'][0.5], r['fp'][0.5], r['fn'][0.5]) == counts and r['ap'][0.5] == 0.5
+        assert average_precision(a, b, thresholds=[0.5], match='>')['tp'][0.5] == 0
+    # an IoU of exactly 7/10 at tau = 0.7 (np.arange would give 0.7000000000000002 and miss it)
+    t7 = np.zeros((2, 5), np.int32); t7[:, :5] = 1; p7 = np.zeros_like(t7); p7[:, :3] = 1; p7[0, 3] = 1   # 7 of 10 px
+    assert average_precision(t7, p7, thresholds=[0.7])['tp'] == {0.7: 1}
+    assert average_precision(t7, p7, thresholds=np.arange(0.5, 1, 0.05)[4:5])['tp'][0.7000000000000002] == 0
+
+def test_average_precision_below_half_maximises_matches_as_stardist():
+    # T0 (10 px) overlaps P0 (IoU 2/3) and P1 (IoU 1/6); T1 (3 px) overlaps P0 (IoU 2/11).
+    # stardist at tau 0.15: two matches (T0:P1, T1:P0); PQ's Hungarian on IoU keeps T0:P0 (2/3 > 1/6 + 2/11)
+    t = np.zeros((1, 16), np.int32); t[0, 2:12] = 1; t[0, 12:15] = 2
+    p = np.zeros_like(t); p[0, 0:4] = 1; p[0, 4:14] = 2
+    r = average_precision(t, p, thresholds=[0.15])
+    assert (r['tp'][0.15], r['fp'][0.15], r['fn'][0.15], r['ap'][0.15]) == (2, 0, 0, 1.0)
+    assert ref_stardist_tp(t, p, 0.15) == 2
+    assert instance_metrics(t, p, 0.15)['tp'] == 1            # PQ's pairing below 0.5 differs, as documented
+
+def test_paper_metrics_empty_maps():
+    t = square(np.zeros((8, 8), np.int32), 2, 2, 3, 3, 5); z = np.zeros_like(t)
+    assert np.isnan(aji_gong(z, z)) and np.isnan(object_dice(z, z))
+    for a, b in [(t, z), (z, t)]:
+        assert aji_gong(a, b) == 0.0 and object_dice(a, b) == 0.0
+        r = average_precision(a, b)
+        assert r['mean'] == 0.0 and set(r['precision'].values()) == {0.0} and set(r['recall'].values()) == {0.0}
+    assert average_precision(t, z)['fn'][0.5] == 1 and average_precision(z, t)['fp'][0.5] == 1
+    # no true and no predicted nuclei: stardist gives 0 (empty='zero', the default); NaN or 1 on request
+    r = average_precision(z, z)
+    assert r['mean'] == 0.0 and r['tp'][0.5] == r['fp'][0.5] == r['fn'][0.5] == 0
+    assert np.isnan(average_precision(z, z, empty='skip')['ap'][0.75]) and average_precision(z, z, empty='one')['mean'] == 1
+    # nothing overlaps: 0, no division by zero
+    p = square(np.zeros_like(t), 6, 6, 2, 2, 1)
+    assert aji_gong(t, p) == 0.0 and object_dice(t, p) == 0.0 and average_precision(t, p)['mean'] == 0.0
+
+def test_paper_metrics_bad_input():
+    t = np.zeros((4, 4), np.int32)
+    for f in (aji_gong, object_dice, average_precision):
+        with pytest.raises(LabelError, match=r'true map has shape \(4, 4\) but pred map has shape \(4, 5\)'):
+            f(t, np.zeros((4, 5), np.int32))
+        with pytest.raises(LabelError, match='pred: label map has negative ids'): f(t, t - 1)
+        with pytest.raises(LabelError, match='integer'): f(t.astype(float), t)
+    for th in ([], [0.0, 0.5], [1.5], 0):
+        with pytest.raises(ValueError, match=r'AP thresholds must be a non-empty sequence of IoUs in \(0, 1\]'):
+            average_precision(t, t, thresholds=th)
+    with pytest.raises(ValueError, match="match must be '>'"): average_precision(t, t, match='=>')
+    with pytest.raises(ValueError, match='empty must be one of'): average_precision(t, t, empty='nan')
+
+@pytest.mark.parametrize('seed', range(8))
+def test_paper_metrics_match_reference_on_random_fields(seed):
+    rng = np.random.default_rng(100 + seed)
+    t = blob_field(rng); p = perturb(rng, t) if seed % 4 else blob_field(rng)
+    assert aji_gong(t, p) == pytest.approx(ref_aji_gong(t, p), abs=1e-12)
+    assert object_dice(t, p) == pytest.approx(ref_object_dice(t, p), abs=1e-12)
+    r = average_precision(t, p, thresholds=AP_THRESHOLDS + (0.1, 0.3))
+    for tau in r['tp']: assert r['tp'][tau] == ref_stardist_tp(t, p, tau), tau
+    tps = [r['tp'][x] for x in AP_THRESHOLDS]
+    assert tps == sorted(tps, reverse=True)                    # fewer matches at stricter thresholds
+    n_t, n_p = len(np.unique(t)) - 1, len(np.unique(p)) - 1
+    for tau in r['ap']:
+        assert r['tp'][tau] + r['fp'][tau] == n_p and r['tp'][tau] + r['fn'][tau] == n_t
+        assert r['ap'][tau] == pytest.approx(r['tp'][tau] / (n_t + n_p - r['tp'][tau]) if r['tp'][tau] else 0.0)
+    assert r['mean'] == pytest.approx(np.mean([r['ap'][x] for x in r['ap']]))
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays(np.int64, (5, 6), elements=st.integers(0, 5)), arrays(np.int64, (5, 6), elements=st.integers(0, 5)))
+def test_paper_metrics_match_reference_on_noise_with_ties(t, p):
+    # tiny noisy maps: exact IoU and overlap ties everywhere, halves at IoU 1/2, merges, empty maps
+    if not t.any() and not p.any():
+        assert np.isnan(aji_gong(t, p)) and np.isnan(object_dice(t, p)); return
+    assert aji_gong(t, p) == pytest.approx(ref_aji_gong(t, p), abs=1e-12)
+    assert object_dice(t, p) == pytest.approx(ref_object_dice(t, p), abs=1e-12)
+    r = average_precision(t, p, thresholds=(0.2, 0.5, 0.6))
+    for tau in (0.2, 0.5, 0.6): assert r['tp'][tau] == ref_stardist_tp(t, p, tau), tau
+    assert average_precision(t, p, thresholds=[0.5], match='>')['tp'][0.5] == ref_stardist_tp(t, p, 0.5, '>')
+
+def _monotone_relabel(rng, m):
+    "The same instances under new, larger ids in the same order."
+    ids = np.unique(m); ids = ids[ids > 0]
+    new = np.cumsum(rng.integers(1, 2**34, len(ids)))  # increasing, with gaps, some above 2**32
+    lut = dict(zip(ids.tolist(), new.tolist())); lut[0] = 0
+    return np.vectorize(lut.get, otypes=[np.int64])(m)
+
+def _shuffled(rng, m):
+    ids = np.unique(m); ids = ids[ids > 0]
+    lut = dict(zip(ids.tolist(), rng.permutation(ids + 500).tolist())); lut[0] = 0
+    return np.vectorize(lut.get, otypes=[np.int64])(m)
+
+def _has_ties(t, p):
+    "Whether some instance has two partners of equal IoU or equal overlap (where tie-breaking by id matters)."
+    _, _, inter, union, _, _ = ref_tables(t, p)
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    for a in (iou, iou.T, inter, inter.T):
+        for row in a:
+            v = row[row > 0]
+            if len(v) and (v == v.max()).sum() > 1: return True
+    return False
+
+def test_paper_metrics_invariants_on_random_maps():
+    rng = np.random.default_rng(21)
+    checked = same = 0
+    for k in range(10):
+        t = blob_field(rng, n=14); p = perturb(rng, t)
+        # identical maps score 1
+        assert aji_gong(t, t) == 1.0 and object_dice(t, t) == 1.0 and average_precision(t, t)['mean'] == 1.0
+        g, d, a = aji_gong(t, p), object_dice(t, p), average_precision(t, p)
+        assert 0 <= g <= 1 and 0 <= d <= 1 and 0 <= a['mean'] <= 1
+        # other ids in the same order: exactly the same numbers
+        t2, p2 = _monotone_relabel(rng, t), _monotone_relabel(rng, p)
+        assert (aji_gong(t2, p2), object_dice(t2, p2), average_precision(t2, p2)) == (g, d, a)
+        # shuffled ids: AP never changes; Dice_obj and (prediction ids only) Gong's AJI unless a tie is broken by id
+        ts, ps = _shuffled(rng, t), _shuffled(rng, p)
+        assert average_precision(ts, ps)['tp'] == a['tp']
+        assert object_dice(p, t) == pytest.approx(d, abs=1e-12)          # symmetric
+        if not _has_ties(t, p):
+            checked += 1
+            assert object_dice(ts, ps) == pytest.approx(d, abs=1e-12) and aji_gong(t, ps) == pytest.approx(g, abs=1e-12)
+        # Gong's AJI equals HoVer-Net's whenever no prediction is the best of two nuclei (nothing would be reused)
+        _, _, inter, union, _, _ = ref_tables(t, p)
+        best = [int(np.argmax(r / (u + 1e-6))) for r, u in zip(inter, union) if r.max() > 0]
+        if len(set(best)) == len(best):
+            same += 1; assert g == pytest.approx(aji(t, p), abs=1e-12)
+    assert checked >= 3 and same >= 2, (checked, same)  # both invariants were exercised
+
+def test_gong_obj_f1_and_pixel_f1_are_object_f1_and_pixel_f1():
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(8)
+    for _ in range(4):
+        t = blob_field(rng); p = perturb(rng, t)
+        # Pixel-F1: the F1 score of the foreground pixels
+        assert pixel_f1(t, p) == pytest.approx(f1_score((t > 0).ravel(), (p > 0).ravel()), abs=1e-12)
+        # Obj-F1 (Eq. 9): 2TP / (FN + 2TP + FP), TP = pairs with IoU above 0.5 (unique), counted by brute force
+        _, _, inter, union, at, ap = ref_tables(t, p)
+        tp = int((inter / np.maximum(union, 1) > 0.5).sum())
+        assert object_f1(t, p) == pytest.approx(2 * tp / ((len(at) - tp) + 2 * tp + (len(ap) - tp)), abs=1e-15)
+
+def test_instance_metrics_and_evaluate_extra_columns():
+    t, p = hand_ap_maps(); a, b = hand_strip_ab(); z = np.zeros((3, 3), np.int32)
+    base = instance_metrics(t, p)
+    m = instance_metrics(t, p, extra=['object_dice', 'ap', 'aji_gong'])
+    assert list(m) == list(base) + ['aji_gong', 'object_dice'] + AP_KEYS and {k: m[k] for k in base} == base
+    assert AP_KEYS[:2] == ['ap50', 'ap55'] and AP_KEYS[-2:] == ['ap95', 'ap50_95'] and EXTRA_METRICS == ('aji_gong', 'object_dice', 'ap')
+    assert m['aji_gong'] == aji_gong(t, p) and m['object_dice'] == object_dice(t, p)
+    # AP follows the table's match: '>' by default (HoVer-Net), '>=' under stardist's conventions
+    assert m['ap50_95'] == pytest.approx(19 / 105, abs=1e-15)
+    assert instance_metrics(t, p, match='>=', extra=['ap'])['ap50_95'] == pytest.approx(17 / 75, abs=1e-15)
+    for empty, v in (('skip', np.nan), ('zero', 0.0), ('one', 1.0)):
+        e = instance_metrics(z, z, empty=empty, extra=EXTRA_METRICS)
+        np.testing.assert_array_equal([e[k] for k in ['aji_gong', 'object_dice'] + AP_KEYS], v)
+    with pytest.raises(ValueError, match=r"unknown extra metrics \['pq_gong'\]"): instance_metrics(t, p, extra=['pq_gong'])
+    df = evaluate([t, a, z], [p, b, z], conventions='stardist', extra=['ap', 'aji_gong', 'object_dice'])
+    plain = evaluate([t, a, z], [p, b, z], conventions='stardist')
+    pd.testing.assert_frame_equal(df[plain.columns], plain)
+    assert list(df.columns)[-1] == 'conventions'
+    assert df.ap50_95[0] == pytest.approx(17 / 75, abs=1e-15) and df.aji_gong[1] == pytest.approx(3 / 11, abs=1e-15)
+    assert df.ap50[2] == 0.0 and df.aji_gong[2] == 0.0 and df.object_dice[2] == 0.0   # stardist: empty='zero'
+    mean = df[df.kind == 'mean'].iloc[0]
+    assert mean.ap50_95 == pytest.approx((17 / 75 + 0.0 + 0.0) / 3, abs=1e-15)        # DSB: the mean over images
+    hv = evaluate([t, z], [p, z], extra=['ap'])                                          # HoVer-Net: the empty image is skipped
+    assert np.isnan(hv.ap50[1]) and hv[hv.kind == 'mean'].ap50_95.item() == pytest.approx(19 / 105, abs=1e-15)
+    with pytest.raises(ValueError, match='unknown extra metrics'): evaluate([t], [p], extra=['map'])

@@ -1,6 +1,7 @@
-"""Instance (Dice, AJI, AJI+, DQ/SQ/PQ, object and pixel F1), classification (F1_d, Acc, F1_c) and per-class
-panoptic metrics (mPQ, bPQ, mPQ+) with HoVer-Net's exact semantics by default, CoNIC's and stardist's conventions
-selectable (IoU `>` or `>=`, empty images, R² of per-class counts), computed from one contingency table.
+"""Instance (Dice, AJI, AJI+, DQ/SQ/PQ, object and pixel F1, Gong et al.'s AJI, object-level Dice, AP over IoU
+thresholds), classification (F1_d, Acc, F1_c) and per-class panoptic metrics (mPQ, bPQ, mPQ+) with HoVer-Net's
+exact semantics by default, CoNIC's and stardist's conventions selectable (IoU `>` or `>=`, empty images, R² of
+per-class counts), computed from one contingency table.
 
 Docs: https://nucbook.github.io/nucbook/metrics.html.md"""
 
@@ -20,10 +21,11 @@ from scipy.spatial.distance import cdist
 from ..data.sample import Sample, LabelError, check_inst_map, instance_centroids, types_from_type_map
 
 # %% auto #0
-__all__ = ['DENSE_TABLE_LIMIT', 'DENSE_LSA_LIMIT', 'MATCHES', 'EMPTY_VALUES', 'INSTANCE_METRICS', 'CONVENTIONS', 'remap_ids',
-           'Overlaps', 'overlaps', 'dice1', 'dice2', 'aji', 'aji_plus', 'pq', 'object_f1', 'pixel_f1',
-           'instance_metrics', 'resolve_conventions', 'pair_centroids', 'classification_stats', 'class_pq_counts',
-           'class_pq', 'pooled_class_pq', 'class_counts', 'count_r2', 'evaluate']
+__all__ = ['DENSE_TABLE_LIMIT', 'DENSE_LSA_LIMIT', 'MATCHES', 'EMPTY_VALUES', 'AP_THRESHOLDS', 'AP_KEYS', 'INSTANCE_METRICS',
+           'EXTRA_METRICS', 'CONVENTIONS', 'remap_ids', 'Overlaps', 'overlaps', 'dice1', 'dice2', 'aji', 'aji_plus',
+           'pq', 'object_f1', 'pixel_f1', 'aji_gong', 'object_dice', 'average_precision', 'instance_metrics',
+           'resolve_conventions', 'pair_centroids', 'classification_stats', 'class_pq_counts', 'class_pq',
+           'pooled_class_pq', 'class_counts', 'count_r2', 'evaluate']
 
 # %% ../../nbs/05_metrics.ipynb #d13c591b
 def remap_ids(
@@ -250,8 +252,113 @@ def pixel_f1(true:np.ndarray, pred:np.ndarray) -> float:
     "F1 of foreground pixels (equal to `dice1`); NaN if both maps are empty."
     return _dice1(overlaps(true, pred))
 
+# %% ../../nbs/05_metrics.ipynb #810dc39a
+def _first_per(
+    group:np.ndarray, # (K,) the group of each pair (its true or its predicted instance)
+    score:np.ndarray, # (K,) larger is better
+    tie:np.ndarray, # (K,) smaller wins a tie of `score`
+) -> np.ndarray:
+    "Index of the best pair of each group (groups in increasing order)."
+    order = np.lexsort((tie, -score, group))
+    return order[np.r_[True, group[order][1:] != group[order][:-1]]] if len(order) else order
+
+def _aji_gong(o:Overlaps) -> float:
+    if _both_empty(o): return np.nan
+    union = o.union
+    iou = o.inter / union  # exact IoU; ties go to the lowest prediction id
+    order = np.lexsort((o.pi, -iou, o.ti))  # the candidates of each T_i (i in id order), best first
+    t_l, p_l = o.ti[order].tolist(), o.pi[order].tolist()
+    used = [False] * o.n_pred  # P_j already taken as some J(i')
+    J = []  # the pair (T_i, P_J(i)) chosen for each matched T_i
+    last = -1
+    for k, (i, j) in enumerate(zip(t_l, p_l)):
+        if i == last or used[j]: continue  # T_i already has its J(i), or P_j is taken
+        used[j] = True; J.append(order[k]); last = i  # Eq. 10: the best remaining candidate
+    J = np.asarray(J, np.int64)
+    matched = np.zeros(o.n_true, bool); matched[o.ti[J]] = True
+    S = ~np.asarray(used, bool)  # predictions never taken
+    # Eq. 11; an unmatched T_i has P_J(i) = ∅, so it contributes |T_i| to the union
+    return float(o.inter[J].sum() / (union[J].sum() + o.area_true[~matched].sum() + o.area_pred[S].sum()))
+
+def aji_gong(true:np.ndarray, pred:np.ndarray) -> float:
+    "AJI of Gong et al. (Eqs. 10-11): greedy in true-id order, each prediction used once; NaN if both maps are empty."
+    return _aji_gong(overlaps(true, pred))
+
+# %% ../../nbs/05_metrics.ipynb #762221a7
+def _object_dice(o:Overlaps) -> float:
+    if _both_empty(o): return np.nan
+    if len(o.inter) == 0: return 0.0  # one map empty, or nothing overlaps: every Dice is 0
+    dice = 2 * o.inter / (o.area_true[o.ti] + o.area_pred[o.pi])  # Dice of every overlapping pair
+    g_star = _first_per(o.ti, o.inter, o.pi)  # (G_i, S_*(G_i)): the most shared pixels, lowest id on ties
+    s_star = _first_per(o.pi, o.inter, o.ti)  # (G~_*(S_j), S_j)
+    # sum_i gamma_i Dice(G_i, S_*(G_i)) with gamma_i = |G_i| / sum_p |G_p|, dividing once (identical maps give 1.0)
+    sum_gamma = (o.area_true[o.ti[g_star]] * dice[g_star]).sum() / o.area_true.sum()
+    sum_sigma = (o.area_pred[o.pi[s_star]] * dice[s_star]).sum() / o.area_pred.sum()  # sigma_j = |S_j| / sum_q |S_q|
+    return float(0.5 * (sum_gamma + sum_sigma))
+
+def object_dice(true:np.ndarray, pred:np.ndarray) -> float:
+    "Object-level Dice of gland segmentation (GlaS, used by Gong et al.); NaN if both maps are empty."
+    return _object_dice(overlaps(true, pred))
+
+# %% ../../nbs/05_metrics.ipynb #af8964ae
+AP_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # DSB 2018 / stardist IoU thresholds
+AP_KEYS = [f'ap{round(100 * tau):02d}' for tau in AP_THRESHOLDS] + ['ap50_95']  # `instance_metrics(extra=['ap'])` keys
+
+def _check_ap_thresholds(thresholds) -> tuple:
+    th = tuple(float(x) for x in np.atleast_1d(np.asarray(thresholds, np.float64)))
+    if not th or not all(0 < x <= 1 for x in th):
+        raise ValueError(f'AP thresholds must be a non-empty sequence of IoUs in (0, 1], got {thresholds!r}')
+    return th
+
+def _ap_tp(o:Overlaps, tau:float, match:str, iou:np.ndarray) -> int:
+    "TP_tau: the largest number of one-to-one pairs with IoU >= tau (or > tau), as stardist `matching`."
+    hit = iou >= tau if match == '>=' else iou > tau
+    if tau > 0.5 or (tau == 0.5 and match == '>'): return int(hit.sum())  # IoU > 0.5: at most one partner each
+    idx = np.flatnonzero(hit)
+    deg_t, deg_p = np.bincount(o.ti[idx], minlength=o.n_true), np.bincount(o.pi[idx], minlength=o.n_pred)
+    alone = (deg_t[o.ti[idx]] == 1) & (deg_p[o.pi[idx]] == 1)  # a pair with no rival: in every maximum matching
+    rest = idx[~alone]
+    if len(rest) == 0: return int(alone.sum())
+    rows, r = np.unique(o.ti[rest], return_inverse=True); cols, c = np.unique(o.pi[rest], return_inverse=True)
+    w = 1.0 + iou[rest] / (2 * min(len(rows), len(cols)))  # the number of matches first, summed IoU as tie-breaker
+    return int(alone.sum()) + int(_max_weight_pairs(r, c, w, len(rows), len(cols)).sum())
+
+def _average_precision(o:Overlaps, thresholds:tuple, match:str, empty:str) -> dict:
+    if _both_empty(o):
+        v, zero = EMPTY_VALUES[empty], {tau: 0 for tau in thresholds}
+        return dict(ap={tau: v for tau in thresholds}, precision={tau: v for tau in thresholds},
+                    recall={tau: v for tau in thresholds}, tp=zero, fp=dict(zero), fn=dict(zero), mean=v)
+    iou = o.iou
+    TP = {tau: _ap_tp(o, tau, match, iou) for tau in thresholds}
+    FP = {tau: o.n_pred - tp for tau, tp in TP.items()}
+    FN = {tau: o.n_true - tp for tau, tp in TP.items()}
+    AP = {tau: TP[tau] / (TP[tau] + FP[tau] + FN[tau]) if TP[tau] > 0 else 0.0 for tau in thresholds}
+    return dict(ap=AP,
+                precision={tau: TP[tau] / (TP[tau] + FP[tau]) if TP[tau] > 0 else 0.0 for tau in thresholds},
+                recall={tau: TP[tau] / (TP[tau] + FN[tau]) if TP[tau] > 0 else 0.0 for tau in thresholds},
+                tp=TP, fp=FP, fn=FN, mean=float(np.mean(list(AP.values()))))
+
+def average_precision(
+    true:np.ndarray, # true instance map
+    pred:np.ndarray, # predicted instance map
+    thresholds:Sequence[float]=AP_THRESHOLDS, # IoU thresholds tau, each in (0, 1]
+    match:str='>=', # '>=': IoU >= tau (stardist); '>': IoU > tau (the DSB 2018 page's wording)
+    empty:str='zero', # no true and no predicted nuclei: 0 as stardist ('zero'), NaN ('skip') or 1 ('one')
+) -> dict:
+    "`{'ap', 'precision', 'recall', 'tp', 'fp', 'fn'}` as `{tau: value}`, and `'mean'`, the mean AP over `thresholds`."
+    th = _check_ap_thresholds(thresholds); _check_match(match); _check_empty(empty)
+    return _average_precision(overlaps(true, pred), th, match, empty)
+
 # %% ../../nbs/05_metrics.ipynb #85867ba7
 INSTANCE_METRICS = ['dice1', 'aji', 'dq', 'sq', 'pq', 'aji_plus', 'dice2', 'object_f1', 'pixel_f1']
+EXTRA_METRICS = ('aji_gong', 'object_dice', 'ap')  # optional metrics of `instance_metrics` / `evaluate` (`extra`)
+
+def _extra_keys(extra) -> list:
+    "The keys the optional metrics `extra` add, in `EXTRA_METRICS` order."
+    extra = (extra,) if isinstance(extra, str) else tuple(extra)
+    unknown = [x for x in extra if x not in EXTRA_METRICS]
+    if unknown: raise ValueError(f'unknown extra metrics {unknown}; known: {", ".join(EXTRA_METRICS)}')
+    return [k for x in EXTRA_METRICS if x in extra for k in (AP_KEYS if x == 'ap' else [x])]
 
 def instance_metrics(
     true:np.ndarray, # true instance map
@@ -261,18 +368,27 @@ def instance_metrics(
     match:str='>', # '>': a TP needs IoU > threshold (HoVer-Net, CoNIC); '>=': IoU >= threshold (stardist)
     empty:str='skip', # no true and no predicted nuclei: every metric NaN ('skip': left out of means), 0 ('zero'), 1 ('one')
     eps_dq:float=0.0, # added to DQ's denominator: 0 as HoVer-Net `get_fast_pq`, 1e-6 as CoNIC `get_pq`
+    extra:Sequence[str]=(), # optional metrics (`EXTRA_METRICS`): 'aji_gong', 'object_dice', 'ap' (keys `AP_KEYS`)
 ) -> dict:
-    "All instance metrics of one image (`INSTANCE_METRICS`) plus the counts `n_true, n_pred, tp, fp, fn`."
+    "The metrics of one image (`INSTANCE_METRICS`, then those of `extra`) and the counts `n_true, n_pred, tp, fp, fn`."
     _check_threshold(iou_threshold); _check_match(match); _check_empty(empty)
+    extra_keys = _extra_keys(extra)
     o = overlaps(true, pred) if o is None else o
     if _both_empty(o):
-        return dict(n_true=0, n_pred=0, tp=0, fp=0, fn=0, **{k: EMPTY_VALUES[empty] for k in INSTANCE_METRICS})
+        return dict(n_true=0, n_pred=0, tp=0, fp=0, fn=0,
+                    **{k: EMPTY_VALUES[empty] for k in INSTANCE_METRICS + extra_keys})
     tp, fp, fn, sum_iou = _pq_counts(o, iou_threshold, match)
     dq, sq, pq_ = _dq_sq_pq(tp, fp, fn, sum_iou, eps_dq)
     d1 = _dice1(o)
-    return dict(n_true=o.n_true, n_pred=o.n_pred, tp=tp, fp=fp, fn=fn, dice1=d1, aji=_aji(o), dq=dq, sq=sq, pq=pq_,
-                aji_plus=_aji_plus(o), dice2=_dice2(o),
-                object_f1=np.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn), pixel_f1=d1)
+    out = dict(n_true=o.n_true, n_pred=o.n_pred, tp=tp, fp=fp, fn=fn, dice1=d1, aji=_aji(o), dq=dq, sq=sq, pq=pq_,
+               aji_plus=_aji_plus(o), dice2=_dice2(o),
+               object_f1=np.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn), pixel_f1=d1)
+    if 'aji_gong' in extra_keys: out['aji_gong'] = _aji_gong(o)
+    if 'object_dice' in extra_keys: out['object_dice'] = _object_dice(o)
+    if 'ap50_95' in extra_keys:
+        r = _average_precision(o, AP_THRESHOLDS, match, empty)
+        out.update({k: r['ap'][tau] for k, tau in zip(AP_KEYS, AP_THRESHOLDS)}, ap50_95=r['mean'])
+    return out
 
 # %% ../../nbs/05_metrics.ipynb #1e48cb3e
 CONVENTIONS = {  # metric conventions of the reference codes whose numbers papers report
@@ -457,9 +573,10 @@ def evaluate(
     conventions:str='hovernet', # metric conventions, a key of `CONVENTIONS`: 'hovernet', 'conic' or 'stardist'
     match:str|None=None, # overrides the IoU comparison: '>' (IoU > threshold) or '>=' (IoU >= threshold)
     empty:str|None=None, # overrides how images without true and predicted nuclei enter the means: 'skip', 'zero', 'one'
+    extra:Sequence[str]=(), # optional metrics added as columns (`EXTRA_METRICS`): 'aji_gong', 'object_dice', 'ap'
 ) -> pd.DataFrame:
     "Per-image metrics, their means and the pooled classification statistics of a dataset."
-    _check_threshold(iou_threshold)
+    _check_threshold(iou_threshold); _extra_keys(extra)
     conv = resolve_conventions(conventions, match, empty)
     if len(trues) != len(preds): raise ValueError(f'{len(trues)} true images but {len(preds)} predicted images')
     n = len(trues)
@@ -472,7 +589,8 @@ def evaluate(
         o = overlaps(tm, pm)
         name = names[i] if names is not None else tmeta.get('image_id', pmeta.get('image_id', str(i)))
         group = groups[i] if groups is not None else tmeta.get('group', pmeta.get('group'))
-        m = instance_metrics(tm, pm, iou_threshold, o, match=conv['match'], empty=conv['empty'], eps_dq=conv['eps_dq'])
+        m = instance_metrics(tm, pm, iou_threshold, o, match=conv['match'], empty=conv['empty'], eps_dq=conv['eps_dq'],
+                             extra=extra)
         rows.append(dict(kind='image', image=name, group=group, n_images=1, **m))
         typed = typed and ttypes is not None and ptypes is not None
         tables.append((tm, pm, o, ttypes, ptypes))
