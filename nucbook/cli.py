@@ -247,7 +247,10 @@ def _execute(path, given, params, run_dir, progress, timeout, log, progress_ever
         with _Tail(progress_log, log):  # the loops' lines, as they come
             pm.execute_notebook(str(path), str(out_nb), parameters=given, kernel_name='python3', progress_bar=progress,
                                 cwd=str(path.parent), execution_timeout=timeout, log_output=False,
-                                extra_arguments=['--IPKernelApp.log_level=ERROR'])  # the kernel's start-up warnings are not the run's
+                                extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
+            # the kernel's own log is not the run's: its start-up warnings, and the 'KeyboardInterrupt caught in kernel'
+            # of the interrupt jupyter_client sends at every shutdown when it lands before the kernel ignores SIGINT again
+            # (a race under load); a cell's error reaches the run through papermill
     except pm.PapermillExecutionError as e:
         idx, line = _notebook_cell(path, e.cell_index, bool(given)), _first_line(e.source or '')
         where = (f'cell {idx} (counting all cells from 0): `{line}`' if idx is not None
