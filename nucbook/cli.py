@@ -7,7 +7,7 @@ Docs: https://nucbook.github.io/nucbook/cli.html.md"""
 
 # %% ../nbs/00a_cli.ipynb #c2983f26
 from __future__ import annotations
-import argparse, ast, fcntl, hashlib, itertools, json, math, os, re, signal, socket, subprocess, sys, tempfile, threading, time, warnings
+import argparse, ast, fcntl, hashlib, itertools, json, math, os, random, re, signal, socket, subprocess, sys, tempfile, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
@@ -18,10 +18,10 @@ from .core import (PROFILES, PROGRESS_ENV, PROGRESS_EVERY_ENV, RUN_DIR_ENV, form
                           new_run_dir)
 
 # %% auto #0
-__all__ = ['BUSY_EXIT', 'SLURM_DEFAULTS', 'RunError', 'RunBusy', 'Stopped', 'project_root', 'find_notebook', 'parse_value',
-           'notebook_parameters', 'check_parameters', 'absolute_paths', 'run_notebook', 'lock_holder', 'run_lock',
-           'load_grid', 'config_hash', 'run_name', 'run_is_done', 'gather_results', 'run_batch', 'parse_time_limit',
-           'slurm_options', 'slurm_parameters', 'SlurmRun', 'main']
+__all__ = ['BUSY_EXIT', 'KERNEL_START_TRIES', 'SLURM_DEFAULTS', 'RunError', 'RunBusy', 'Stopped', 'project_root', 'find_notebook',
+           'parse_value', 'notebook_parameters', 'check_parameters', 'absolute_paths', 'run_notebook', 'lock_holder',
+           'run_lock', 'load_grid', 'config_hash', 'run_name', 'run_is_done', 'gather_results', 'run_batch',
+           'parse_time_limit', 'slurm_options', 'slurm_parameters', 'SlurmRun', 'main']
 
 # %% ../nbs/00a_cli.ipynb #71a34ebb
 class RunError(Exception):
@@ -118,6 +118,8 @@ def check_parameters(path:str|Path, given:dict) -> dict:
     return {**defaults, **given}
 
 # %% ../nbs/00a_cli.ipynb #1d72ccbd
+KERNEL_START_TRIES = 3 # attempts to start a run's kernel (a kernel that dies before running anything is replaced)
+
 def _tail_traceback(tb, n=15) -> str:
     lines = re.sub(r'\x1b\[[0-9;]*m', '', '\n'.join(tb)).splitlines()
     return '\n'.join(lines[-n:])
@@ -245,12 +247,20 @@ def _execute(path, given, params, run_dir, progress, timeout, log, progress_ever
     log(f'running {path.name} in {run_dir}')
     try:
         with _Tail(progress_log, log):  # the loops' lines, as they come
-            pm.execute_notebook(str(path), str(out_nb), parameters=given, kernel_name='python3', progress_bar=progress,
-                                cwd=str(path.parent), execution_timeout=timeout, log_output=False,
-                                extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
-            # the kernel's own log is not the run's: its start-up warnings, and the 'KeyboardInterrupt caught in kernel'
-            # of the interrupt jupyter_client sends at every shutdown when it lands before the kernel ignores SIGINT again
-            # (a race under load); a cell's error reaches the run through papermill
+            for attempt in range(KERNEL_START_TRIES):
+                try:
+                    pm.execute_notebook(str(path), str(out_nb), parameters=given, kernel_name='python3', progress_bar=progress,
+                                        cwd=str(path.parent), execution_timeout=timeout, log_output=False,
+                                        extra_arguments=['--IPKernelApp.log_level=CRITICAL'])
+                    # the kernel's own log is not the run's: its start-up warnings, and the 'KeyboardInterrupt caught in
+                    # kernel' of the interrupt jupyter_client sends at every shutdown when it lands before the kernel
+                    # ignores SIGINT again (a race under load); a cell's error reaches the run through papermill
+                    break
+                except RuntimeError as e:  # the kernel died before it ran anything (two kernels started at once can draw
+                    # the same free port: jupyter_client picks ports, the kernel binds them later): no cell ran, start again
+                    if 'Kernel died before replying to kernel_info' not in str(e) or attempt == KERNEL_START_TRIES - 1: raise
+                    log(f'the kernel died while starting ({e}); starting a new one ({attempt + 2}/{KERNEL_START_TRIES})')
+                    time.sleep(0.5 + random.random())
     except pm.PapermillExecutionError as e:
         idx, line = _notebook_cell(path, e.cell_index, bool(given)), _first_line(e.source or '')
         where = (f'cell {idx} (counting all cells from 0): `{line}`' if idx is not None

@@ -435,3 +435,29 @@ def test_batch_shows_a_runs_progress_while_it_runs(tmp_path):
     end = next(t for l, t in got.items() if re.fullmatch(rf'\[1/1\] {name}: ok in \d+s', l))
     assert end - got[f'{name}: started'] >= 4 and end - got[f'{name}: [slow] step 1/2'] >= 3.5, got
     assert got[f'{name}: [slow] step 2/2'] - got[f'{name}: [slow] step 1/2'] >= 1.5, got  # each as it came
+
+
+def test_a_kernel_that_dies_while_starting_is_replaced(square_nb, tmp_path, monkeypatch):
+    "Two kernels started at once can draw the same port: a kernel that dies before running anything is started again, up to KERNEL_START_TRIES."
+    import papermill, nucbook.cli as cli
+    real, calls, said = papermill.execute_notebook, [], []
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) < 2: raise RuntimeError('Kernel died before replying to kernel_info')
+        return real(*a, **k)
+    monkeypatch.setattr(papermill, 'execute_notebook', flaky)
+    d = run_notebook(square_nb, out=tmp_path/'r', progress=False, log=said.append)
+    assert len(calls) == 2 and json.loads((d/'params.json').read_text())['status'] == 'ok'
+    assert any('starting a new one (2/3)' in s for s in said), said
+    calls.clear()
+    def dead(*a, **k):
+        calls.append(1); raise RuntimeError('Kernel died before replying to kernel_info')
+    monkeypatch.setattr(papermill, 'execute_notebook', dead)
+    with pytest.raises(RunError, match='Kernel died'): run_notebook(square_nb, out=tmp_path/'r2', progress=False, log=said.append)
+    assert len(calls) == cli.KERNEL_START_TRIES
+    calls.clear()
+    def other(*a, **k):
+        calls.append(1); raise RuntimeError('something else')
+    monkeypatch.setattr(papermill, 'execute_notebook', other)
+    with pytest.raises(RunError, match='something else'): run_notebook(square_nb, out=tmp_path/'r3', progress=False, log=said.append)
+    assert len(calls) == 1  # only a kernel that died while starting is replaced
