@@ -464,6 +464,77 @@ def build_sdm_ddim(ctx:Ctx) -> Job:
                note=f"{steps_run} guided DDIM steps per call ({2 * steps_run} network evaluations; DiffMix runs 55); patches/s; probes at {ppx} px")
 
 
+ADAIN_PRESETS_GC = ('paper', 'tiny')  # nucbook.models.adain preset (decoder, discriminator) of the GPU run, of the smoke run
+
+
+def _adain_setup(ctx:Ctx):
+    """Gong et al.'s refine-synthesis generator (`nucbook.models.adain`): the VGG-19 encoder to relu4_1 (the offline
+    random weights: the speed does not depend on them), the SkipDecoder and the SRGAN image discriminator of the preset."""
+    mod = 'nucbook.models.adain'
+    VGG19Encoder, SkipDecoder, AdaINGenerator = need('VGG19Encoder', mod), need('SkipDecoder', mod), need('AdaINGenerator', mod)
+    ImageDiscriminator, ADAIN_PRESETS = need('ImageDiscriminator', mod), need('ADAIN_PRESETS', mod)
+    preset = ADAIN_PRESETS[ctx.pick(*ADAIN_PRESETS_GC)]
+    torch.manual_seed(0)
+    G = AdaINGenerator(VGG19Encoder(), SkipDecoder(**preset['decoder'])).to(ctx.device)
+    D = ImageDiscriminator(**preset['discriminator']).to(ctx.device)
+    return G, D
+
+
+def build_adain(ctx:Ctx) -> Job:
+    """AdaIN generator + image discriminator at paper size, one step of Gong et al.'s (G, D) pre-training (Eq. 4): a G
+    step on BCE(D(x~), real) + lambda * L_g (Eq. 2, gamma 0.5, lambda 10; the gradient goes through the frozen VGG-19 to
+    the decoder), then a D step on real x2 and the detached x~; Adam 1e-4 on the decoder and on D; bf16 autocast."""
+    adain_losses = need('adain_losses', 'nucbook.models.adain')
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    G, D = _adain_setup(ctx)
+    bs, px, ppx = ctx.pick(8, 2), ctx.pick(256, 64), ctx.pick(64, 32)  # small probes: bf16 convs are slow on the CPU
+    n_par = sum(p.numel() for p in G.decoder.parameters()), sum(p.numel() for p in D.parameters())
+    opt_G, opt_D = torch.optim.Adam(G.decoder.parameters(), lr=1e-4), torch.optim.Adam(D.parameters(), lr=1e-4)
+    g = ctx.gen(20)
+    content, style = (torch.rand(bs, 3, px, px, generator=g).to(ctx.device) for _ in range(2))
+    real, fake = torch.ones(bs, device=ctx.device), torch.zeros(bs, device=ctx.device)
+
+    def step():
+        G.train(); D.train()
+        with ctx.autocast():
+            with torch.no_grad(): fs = G.encoder(style)  # the style's features, once for G and Eq. 2
+            x_t, t = G(content, style, style_feats=fs)
+            L_g = adain_losses(G.encoder, x_t, t, style, gamma=0.5, style_feats=fs)['L_g']
+            logit = D(x_t)
+        loss_G = bce(logit.float(), real) + 10.0 * L_g
+        opt_G.zero_grad(set_to_none=True); loss_G.backward(); opt_G.step()
+        with ctx.autocast(): loss_D = bce(D(style).float(), real) + bce(D(x_t.detach()).float(), fake)
+        opt_D.zero_grad(set_to_none=True); loss_D.backward(); opt_D.step()
+
+    def probe(models, device, bf16):
+        gp = ctx.gen(21)
+        c, s = (torch.rand(1, 3, ppx, ppx, generator=gp).to(device) for _ in range(2))
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            x_t, t = models['G'](c, s); d = models['D'](x_t)
+        return torch.cat([t.float().flatten(), x_t.float().flatten(), d.float().flatten()])  # AdaIN target, image, logit
+    return Job(step, bs, bs, px, ctx.pick('bf16', 'fp32'), {'G': G, 'D': D}, probe,
+               note=f'decoder {n_par[0]:,} + D {n_par[1]:,} params (VGG-19 frozen); G step (Eq. 2 + adversarial) + D step; '
+                    f'probes at {ppx} px')
+
+
+def build_vgg19_enc(ctx:Ctx) -> Job:
+    "The VGG-19 encoder alone (to relu4_1, the four AdaIN features), forward without gradients under bf16 autocast: images/s."
+    G, _ = _adain_setup(ctx)
+    enc = G.encoder
+    bs, px, ppx = ctx.pick(32, 2), ctx.pick(256, 64), ctx.pick(64, 32)
+    x = torch.rand(bs, 3, px, px, generator=ctx.gen(22)).to(ctx.device)
+
+    def step():
+        with torch.no_grad(), ctx.autocast(): enc(x)
+
+    def probe(models, device, bf16):
+        xp = torch.rand(1, 3, ppx, ppx, generator=ctx.gen(23)).to(device)
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+            return torch.cat([f.float().flatten() for f in models['enc'](xp)])
+    return Job(step, bs, bs, px, ctx.pick('bf16', 'fp32'), {'enc': enc}, probe,
+               note=f'forward only (no grad), relu1_1..relu4_1; probes at {ppx} px')
+
+
 # Append an Entry here to add a model to `make gpu-check`.
 REGISTRY = [
     Entry('hovernet', build_hovernet),
@@ -477,6 +548,8 @@ REGISTRY = [
     Entry('adm-mcg', build_adm_mcg, steps=3, warmup=1),
     Entry('sdm-256', build_sdm, steps=10, warmup=2),
     Entry('sdm-ddim', build_sdm_ddim, steps=3, warmup=1),
+    Entry('adain-256', build_adain, steps=10, warmup=2),
+    Entry('vgg19-enc', build_vgg19_enc, steps=10, warmup=2),
 ]
 
 

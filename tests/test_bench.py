@@ -410,3 +410,27 @@ def test_label_fidelity_with_a_model_and_insert_rare():
     assert lf['n_inserted'] == len(rep['inserted_ids']) == 4 and lf['n_images'] == len({i for i, _ in rep['inserted_ids']})
     assert 0 <= lf['n_typed'] <= lf['n_found'] <= 4 and lf['real_n'] == sum(int((out[i].inst_types == 1).sum()) for i in
                                                                              {i for i, _ in rep['inserted_ids']}) - 4
+
+def test_scores_keep_requested_extras_and_train_and_evaluate_passes_them(tmp_path):
+    from nucbook.eval.metrics import evaluate
+    sp = load_splits('synthetic', n_train=1, n_test=1, tile_size=64)
+    t = evaluate(sp.test, sp.test, extra=('aji_gong', 'object_dice', 'ap'))
+    sc = scores(t, ('aji_gong', 'object_dice', 'ap', 'pixel_f1', 'object_f1'))
+    for g in ('all', 'seen', 'unseen'):  # a perfect prediction: every extra is 100 %
+        for k in ('aji_gong', 'object_dice', 'ap50', 'ap50_95', 'pixel_f1', 'object_f1'):
+            assert sc[f'{k}_{g}'] == pytest.approx(100.0), (k, g)
+    assert all(METRIC_PATTERN.match(k) for k in sc)
+    assert not any(k.startswith(('aji_gong', 'ap', 'pixel_f1')) for k in scores(t))  # only on request
+    with pytest.raises(ValueError, match='unknown extra scores'): scores(t, 'hd95')
+    kw = dict(cfg=dict(epochs=1, batch_size=2, crop_size=32, crops_per_image=1, lr=1e-3, val_every=0, progress=False), window=64, out_dir=tmp_path)
+    r = train_and_evaluate('Baseline', None, 0, sp.train, sp.test[:1], extra=('ap', 'aji_gong'), **kw)
+    assert {'ap50_all', 'ap50_95_all', 'aji_gong_all'} <= set(r) and 'object_dice_all' not in r
+    assert train_and_evaluate('Baseline', None, 0, sp.train, sp.test[:1], extra=('aji_gong', 'ap'), **kw)['cached']  # order free
+    with pytest.raises(ValueError, match='other settings.*extra'):
+        train_and_evaluate('Baseline', None, 0, sp.train, sp.test[:1], **kw)
+    with pytest.raises(ValueError, match='other settings.*conventions'):  # scored under other conventions: not the same row
+        train_and_evaluate('Baseline', None, 0, sp.train, sp.test[:1], extra=('ap', 'aji_gong'), conventions='stardist', **kw)
+    r2 = train_and_evaluate('Baseline', None, 0, sp.train, sp.test[:1], extra=('ap',), conventions='stardist', **{**kw, 'out_dir': tmp_path/'sd'})
+    assert json.loads((tmp_path/'sd'/'Baseline-seed0'/'eval.json').read_text())['setting']['conventions'] == 'stardist' and 'ap50_all' in r2
+    with pytest.raises(ValueError, match='nope'):
+        train_and_evaluate('Baseline', None, 0, sp.train, sp.test[:1], conventions='nope', **{**kw, 'out_dir': tmp_path/'bad'})

@@ -35,7 +35,7 @@ def test_cpu_smoke_gives_a_row_per_model_and_a_summary():
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[2:] if line and not line.startswith((' ', 'SUMMARY'))}
     names = [e.name for e in gc.REGISTRY]
     assert len(names) >= 11 and {'hovernet', 'smooth-gan', 'unet', 'semantic-unet', 'ddim-sample', 'adm-256', 'adm-mcg',
-                                 'sdm-256', 'sdm-ddim'} <= set(names)
+                                 'sdm-256', 'sdm-ddim', 'adain-256', 'vgg19-enc'} <= set(names)
     for name in names: assert rows.get(name) == 'ok', (name, out, r.stderr)
     last = out.strip().splitlines()[-1]
     assert last.startswith('SUMMARY: PASS'), out
@@ -133,3 +133,19 @@ def test_sdm_entries_use_the_paper_network_and_tiny_in_the_smoke_run():
     with torch.no_grad():
         out = tiny(x, t, lab)
         assert out.abs().min() > 0 and (out - tiny(x, t)).abs().max() > 1e-3
+
+
+def test_adain_entries_use_the_paper_generator_and_tiny_in_the_smoke_run():
+    "adain-256 / vgg19-enc: VGG-19 to relu4_1 (frozen) + SkipDecoder and D of the 'paper' preset on the GPU, 'tiny' in the smoke run."
+    from nucbook.models.adain import ADAIN_PRESETS, ImageDiscriminator, SkipDecoder
+    paper_preset, smoke_preset = gc.ADAIN_PRESETS_GC
+    assert (paper_preset, smoke_preset) == ('paper', 'tiny')
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(SkipDecoder(**ADAIN_PRESETS[paper_preset]['decoder'])) == 4_279_363  # AdaIN's decoder (3,505,219) + skip inputs
+    assert n(ImageDiscriminator(**ADAIN_PRESETS[paper_preset]['discriminator'])) == 5_215_425
+    G, D = gc._adain_setup(gc.Ctx(torch.device('cpu'), smoke=True))
+    assert G.decoder.config['width'] == ADAIN_PRESETS[smoke_preset]['decoder']['width'] and D.config == {
+        **ADAIN_PRESETS[smoke_preset]['discriminator'], 'hidden': 1024, 'in_channels': 3}
+    assert n(G.encoder) == 3_505_728  # conv1_1..conv4_1, weights and biases
+    assert not any(p.requires_grad for p in G.encoder.parameters()) and 'not pretrained' in G.encoder.name
+

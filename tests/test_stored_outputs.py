@@ -22,7 +22,7 @@ def test_notebooks_keep_small_outputs(name):
     assert (ROOT/'nbs'/f'{name}.ipynb').stat().st_size < store_outputs.MAX_BYTES
 
 
-@pytest.mark.parametrize('name', ['11_insmix', '12_nucleimix', '13_diffmix'])
+@pytest.mark.parametrize('name', ['11_insmix', '12_nucleimix', '13_diffmix', '14_gong', '15_semantic'])
 def test_paper_notebook_labels_smoke_numbers(name):
     text = ''.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/plain', '')) for o in _outputs(name))
     assert 'SMOKE RUN' in text and 'NOT a reproduction' in text

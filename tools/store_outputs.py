@@ -8,7 +8,7 @@ import argparse, base64, io, json, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ['10_data_tour', '10a_baseline', '10b_augment_gallery', '11_insmix', '12_nucleimix', '13_diffmix']
+NOTEBOOKS = ['10_data_tour', '10a_baseline', '10b_augment_gallery', '11_insmix', '12_nucleimix', '13_diffmix', '14_gong', '15_semantic']
 MAX_BYTES = 1_000_000
 JPEG_ABOVE = 40_000  # PNG figures larger than this (bytes, decoded) are stored as JPEG
 

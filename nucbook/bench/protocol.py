@@ -22,16 +22,16 @@ from ..data.synth import synth_dataset, SYNTH_CLASSES
 from ..data.datasets import (resolve_dataset, load_dataset, load_manifest, dataset_dir, load_own_folder,
                                    own_split_dirs, own_folder_config, seeded_split, split_summary, mpp_summary, class_map)
 from ..data.sample import LabelError, instance_centroids, source_name
-from ..eval.metrics import pair_centroids
+from ..eval.metrics import pair_centroids, resolve_conventions, EXTRA_METRICS, AP_KEYS
 from ..augment.mix import Augmentation, as_transform
 from ..models.hovernet import HoVerNet, load_encoder_weights
 from ..engine.train import Trainer, TrainConfig, weights_path
 from ..engine.infer import evaluate_model, predict_sample
 
 # %% auto #0
-__all__ = ['SPLIT_NAMES', 'PROTOCOL_SCHEDULE', 'METRIC_PATTERN', 'PAPER_KEYS', 'PAPER_SETTING', 'Splits', 'load_splits',
-           'row_folder', 'scores', 'train_and_evaluate', 'summarise', 'format_summary', 'check_paper', 'paper_table',
-           'run_record', 'reproduction_gaps', 'run_label', 'class_count_table', 'warm_start_protocol',
+__all__ = ['SPLIT_NAMES', 'PROTOCOL_SCHEDULE', 'SCORE_EXTRAS', 'METRIC_PATTERN', 'PAPER_KEYS', 'PAPER_SETTING', 'Splits',
+           'load_splits', 'row_folder', 'scores', 'train_and_evaluate', 'summarise', 'format_summary', 'check_paper',
+           'paper_table', 'run_record', 'reproduction_gaps', 'run_label', 'class_count_table', 'warm_start_protocol',
            'baseline_weights', 'label_fidelity']
 
 # %% ../../nbs/09b_bench.ipynb #7face7e2
@@ -189,16 +189,25 @@ def row_folder(
 
 _MEAN_SCORES = (('dice', 'dice1'), ('aji', 'aji'), ('dq', 'dq'), ('sq', 'sq'), ('pq', 'pq'), ('mpq', 'mpq')) # key, metrics-table column
 _POOLED_SCORES = re.compile(r'^(f1_d|acc|f1_c_\d+)$') # classification columns of the pooled rows
+SCORE_EXTRAS = ('pixel_f1', 'object_f1') + EXTRA_METRICS # what `scores` / `train_and_evaluate` keep on request (`extra`)
+
+def _extra_columns(extra) -> list:
+    "The metrics-table columns of the requested extras: 'ap' stands for every `AP_KEYS` column."
+    extra = (extra,) if isinstance(extra, str) else tuple(extra)
+    unknown = [x for x in extra if x not in SCORE_EXTRAS]
+    if unknown: raise ValueError(f'unknown extra scores {unknown}; known: {", ".join(SCORE_EXTRAS)}')
+    return [c for x in SCORE_EXTRAS if x in extra for c in (AP_KEYS if x == 'ap' else [x])]
 
 def scores(
     table:pd.DataFrame, # metrics table of `evaluate_model` / `nucbook.eval.metrics.evaluate`
+    extra:tuple=(), # also keep these mean-row columns (`SCORE_EXTRAS`: 'pixel_f1', 'object_f1', 'aji_gong', 'object_dice', 'ap')
 ) -> dict:
     """In %, per group ('all' and each test group): `dice_<g>`, `aji_<g>`, `dq_<g>`, `sq_<g>`, `pq_<g>` (and `mpq_<g>`
-    when typed) from the mean rows; for typed runs `f1_d_<g>`, `acc_<g>`, `f1_c_<t>_<g>` from the pooled rows."""
-    out = {}
+    when typed) from the mean rows, and the columns of `extra` (e.g. `aji_gong_<g>`, `ap50_<g>`); for typed runs `f1_d_<g>`, `acc_<g>`, `f1_c_<t>_<g>` from the pooled rows."""
+    out, cols = {}, _extra_columns(extra)
     for _, r in table[table['kind'] == 'mean'].iterrows():
         g = r['group'] if isinstance(r.get('group'), str) else 'all'
-        for name, col in _MEAN_SCORES:
+        for name, col in _MEAN_SCORES + tuple((c, c) for c in cols):
             if col in r and pd.notna(r[col]): out[f'{name}_{g}'] = float(r[col]) * 100
     for _, r in table[table['kind'] == 'pooled'].iterrows():
         g = r['group'] if isinstance(r.get('group'), str) else 'all'
@@ -240,10 +249,14 @@ def train_and_evaluate(
     record:dict|None=None, # provenance stored with the result (e.g. `run_record(...)`)
     init_from:str|Path|None=None, # start from these weights (warm start: `baseline_weights(...)` for the augmented rows)
     offline:str|dict|None=None, # what `train` is when it is an offline-augmented set (e.g. `insert_rare`'s method, k, seed)
+    extra:tuple=(), # more scores to keep (`SCORE_EXTRAS`: 'pixel_f1', 'object_f1', 'aji_gong', 'object_dice', 'ap')
+    conventions:str='hovernet', # metric conventions of the scores ('hovernet', 'conic', 'stardist'; `nucbook.eval.metrics`)
 ) -> dict:
     """Train the common segmenter with `augmentation` and score it on `test`: `{row, seed, dice_all, aji_all, pq_all,
     dice_<group>, ..., train_s, eval_s, seconds, cached}` (scores in %). A finished row is read back, not retrained."""
     cfg = replace(_as_config(cfg), seed=seed)
+    extra = tuple(x for x in SCORE_EXTRAS if x in ((extra,) if isinstance(extra, str) else tuple(extra))); _extra_columns(extra)
+    resolve_conventions(conventions) # an unknown preset fails here, not after training
     if init_from is not None:
         if cfg.init_weights is not None and str(cfg.init_weights) != str(init_from):
             raise ValueError(f'init_from {init_from} and the settings\' init_weights {cfg.init_weights} differ: give one of them')
@@ -258,6 +271,8 @@ def train_and_evaluate(
                    encoder_weights=str(encoder_weights) if encoder_weights else None, init_from=init, offline=offline,
                    train=train_cfg,
                    train_data=_fingerprint(train), test_data=_fingerprint(test), val_data=_fingerprint(val or []))
+    if extra: setting['extra'] = list(extra) # only when asked: rows finished before `extra` existed stay valid
+    if conventions != 'hovernet': setting['conventions'] = conventions # likewise
     setting = json.loads(json.dumps(setting, default=str))
     done = out / 'eval.json'
     if done.exists():
@@ -275,10 +290,11 @@ def train_and_evaluate(
     tr = Trainer(model, train, val, cfg, out_dir=out, online=online, device=device).fit()
     t1 = time.perf_counter()
     _, table = evaluate_model(tr.raw_model.eval(), test, window=window, overlap=overlap, postprocess=postprocess or {},
-                              device=tr.device)
+                              device=tr.device, extra=tuple(x for x in extra if x in EXTRA_METRICS),
+                              conventions=conventions)
     t2 = time.perf_counter()
     table.to_csv(out / 'test_metrics.csv', index=False)
-    res = dict(row=row, seed=seed, **scores(table), n_train=len(train), n_test=len(test), epochs=cfg.epochs,
+    res = dict(row=row, seed=seed, **scores(table, extra), n_train=len(train), n_test=len(test), epochs=cfg.epochs,
                model_size=model_size, augmentation=None if aug is None else repr(aug), aug_p=aug_p if aug is not None else None,
                train_s=round(t1 - t0, 2), eval_s=round(t2 - t1, 2), seconds=round(t2 - t0, 2), folder=str(out),
                **({'init_from': init} if init else {}), **({'offline': setting['offline']} if offline is not None else {}))
@@ -286,7 +302,7 @@ def train_and_evaluate(
     return {**res, 'cached': False}
 
 # %% ../../nbs/09b_bench.ipynb #7efe0928
-METRIC_PATTERN = re.compile(r'^(dice|aji|dq|sq|pq|mpq|f1_d|acc|f1_c_\d+)_') # result columns that are metrics (what `scores` writes)
+METRIC_PATTERN = re.compile(r'^(dice|aji|dq|sq|pq|mpq|f1_d|acc|f1_c_\d+|pixel_f1|object_f1|object_dice|ap\d+|ap50_95)_') # result columns that are metrics (what `scores` writes, `extra` included)
 
 def summarise(
     results, # per-seed results: a DataFrame or a list of `train_and_evaluate` dicts (columns row, seed, metrics)

@@ -1,6 +1,7 @@
 """Reading the finished runs of `nucbook batch` and aggregating them: per row, the mean over seeds within each run,
 then mean ± std over the runs (the folds of a cross-validation, or any other grid parameter), with the gain over
-the baseline and a paper's numbers beside them.
+the baseline and a paper's numbers beside them; and the paired difference of each row to the baseline over the
+same test images, per seed and over the seeds, with a bootstrap confidence interval.
 
 Docs: https://nucbook.github.io/nucbook/report.html.md"""
 
@@ -12,10 +13,11 @@ import json, re
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .protocol import summarise, paper_table, check_paper, METRIC_PATTERN
+from .protocol import summarise, paper_table, check_paper, row_folder, METRIC_PATTERN
 
 # %% auto #0
-__all__ = ['read_runs', 'summarise_over', 'compare_table']
+__all__ = ['TABLE_FILE', 'METRIC_ALIASES', 'read_runs', 'summarise_over', 'compare_table', 'per_image_scores', 'paired_bootstrap',
+           'paired_vs_baseline', 'format_paired']
 
 # %% ../../nbs/09c_report.ipynb #95e11b52
 def _read_json(path:Path):
@@ -157,3 +159,155 @@ def compare_table(
     out.columns = pd.MultiIndex.from_tuples(out.columns)
     out.attrs.update(notes=notes, **({k: pt.attrs[k] for k in ('paper', 'table', 'comparator', 'comparable')} if pt is not None else {}))
     return out
+
+# %% ../../nbs/09c_report.ipynb #ffbf287e
+TABLE_FILE = 'test_metrics.csv' # the per-image metrics table `train_and_evaluate` writes in each row folder
+METRIC_ALIASES = {'dice': 'dice1'} # `scores` names -> metrics-table columns where they differ
+
+def _image_rows(table:pd.DataFrame, where:str) -> pd.DataFrame:
+    "The per-image rows (kind 'image') of a metrics table."
+    missing = [c for c in ('kind', 'image') if c not in table.columns]
+    if missing: raise ValueError(f'{where}: no column {missing}; expected the metrics table of nucbook.eval.metrics.evaluate')
+    return table[table['kind'] == 'image']
+
+def per_image_scores(
+    source:str|Path|pd.DataFrame, # a row folder (holding `test_metrics.csv`), the csv itself, or a metrics table
+    metric:str, # a metrics-table column ('dice1', 'aji', 'pq', 'mpq', ...; 'dice' stands for 'dice1', as `scores` names it)
+    group:str|None=None, # only the test images of this group (None: every test image)
+) -> pd.Series:
+    """The per-image values of `metric` (as in the table: fractions, not %), indexed by image id (str), in the
+    table's order; NaN where the table has no value (e.g. an image without nuclei under the 'skip' convention)."""
+    if isinstance(source, pd.DataFrame): table, where = source, 'metrics table'
+    else:
+        p = Path(source); p = p if p.is_file() or p.suffix == '.csv' else p/TABLE_FILE  # a row folder (or one that is not there yet)
+        if not p.is_file():
+            raise FileNotFoundError(f'{p}: no per-image metrics table' + (' (has this row and seed finished?)' if p.name == TABLE_FILE else ''))
+        table, where = pd.read_csv(p), str(p)
+    img = _image_rows(table, where)
+    col = METRIC_ALIASES.get(metric, metric) if metric not in table.columns else metric
+    if col not in table.columns:
+        have = [c for c in table.columns if c not in ('kind', 'image', 'group', 'n_images', 'conventions')]
+        raise ValueError(f'{where}: no metric column {metric!r} (it has {", ".join(map(str, have))})')
+    if group is not None:
+        if 'group' not in img.columns: raise ValueError(f'{where}: no group column, so no group {group!r}')
+        groups = sorted(map(str, img['group'].dropna().unique()))
+        img = img[img['group'].astype(str) == str(group)]
+        if img.empty: raise ValueError(f'{where}: no test image in group {group!r} (groups: {", ".join(groups)})')
+    if img.empty: raise ValueError(f'{where}: no per-image rows (kind "image")')
+    ids = img['image'].astype(str)
+    if ids.duplicated().any(): raise ValueError(f'{where}: image ids appear twice: {sorted(set(ids[ids.duplicated()]))[:5]}')
+    return pd.Series(pd.to_numeric(img[col], errors='coerce').to_numpy(np.float64), index=pd.Index(ids.to_list(), name='image'), name=col)
+
+# %% ../../nbs/09c_report.ipynb #48033af7
+_STATISTICS = {'mean': lambda d, axis=None: np.mean(d, axis=axis), 'median': lambda d, axis=None: np.median(d, axis=axis)}
+_CHUNK = 1 << 22 # resampled values per block (bounds the memory of large test sets; the result does not depend on it)
+
+def _pairs(a, b) -> tuple[np.ndarray, np.ndarray, list]:
+    "a and b as float arrays over the same units: Series aligned by index (refusing a mismatch), else by position."
+    if isinstance(a, pd.Series) and isinstance(b, pd.Series):
+        for name, s in (('a', a), ('b', b)):
+            if s.index.duplicated().any(): raise ValueError(f'paired_bootstrap: {name} has duplicate ids {sorted(map(str, set(s.index[s.index.duplicated()])))[:5]}')
+        only_a, only_b = a.index.difference(b.index), b.index.difference(a.index)
+        if len(only_a) or len(only_b):
+            raise ValueError(f'paired_bootstrap: a and b are not paired: {len(only_a)} ids only in a {list(map(str, only_a[:5]))}, '
+                             f'{len(only_b)} only in b {list(map(str, only_b[:5]))}')
+        return a.to_numpy(np.float64), b.reindex(a.index).to_numpy(np.float64), list(a.index)
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if len(a) != len(b): raise ValueError(f'paired_bootstrap: a has {len(a)} values and b {len(b)}: not paired')
+    return a, b, list(range(len(a)))
+
+def paired_bootstrap(
+    a, # the reference's values per unit (test image): a Series indexed by id, or an array
+    b, # the compared values on the same units (a Series with the same ids, in any order; an array in the same order)
+    n_boot:int=10_000, # bootstrap resamples B
+    ci:float=0.95, # confidence level 1 - α of the percentile interval
+    seed:int=0, # seed of the resampling (same seed, same interval)
+    statistic:str='mean', # 'mean' or 'median' of the paired differences
+) -> dict:
+    """`delta` = statistic of the paired differences b - a, the percentile bootstrap interval `[lo, hi]` over the
+    pairs, the two-sided bootstrap p-value `p_boot`, `n` pairs used and `n_dropped` (a NaN on either side)."""
+    if statistic not in _STATISTICS: raise ValueError(f'paired_bootstrap: statistic must be one of {list(_STATISTICS)}, got {statistic!r}')
+    if not 0 < ci < 1: raise ValueError(f'paired_bootstrap: ci must be in (0, 1), got {ci}')
+    if int(n_boot) != n_boot or n_boot < 1: raise ValueError(f'paired_bootstrap: n_boot must be a positive integer, got {n_boot}')
+    a, b, _ = _pairs(a, b)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = b[keep] - a[keep]
+    n = len(d)
+    if not n: raise ValueError(f'paired_bootstrap: no pair with both values ({len(a)} pairs, every one has a NaN)')
+    stat, rng = _STATISTICS[statistic], np.random.default_rng(seed)
+    block = max(1, _CHUNK // n)
+    boot = np.concatenate([stat(d[rng.integers(0, n, size=(min(block, n_boot - i), n))], axis=1)
+                           for i in range(0, int(n_boot), block)])  # blocks of resamples, each vectorised
+    alpha = 1 - ci
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    below, above = (1 + np.count_nonzero(boot <= 0)) / (n_boot + 1), (1 + np.count_nonzero(boot >= 0)) / (n_boot + 1)
+    return dict(delta=float(stat(d)), lo=float(lo), hi=float(hi), p_boot=float(min(1.0, 2 * min(below, above))),
+                n=int(n), n_dropped=int((~keep).sum()), n_boot=int(n_boot), ci=float(ci), statistic=statistic)
+
+# %% ../../nbs/09c_report.ipynb #1c8df3bc
+def _seed_table(out_dir:Path, row:str, seeds:list, metric:str, group) -> pd.DataFrame:
+    "Per-image values (%) of one row: images x seeds; the seeds must have tested the same images."
+    cols = {s: per_image_scores(out_dir/row_folder(row, s), metric, group) * 100 for s in seeds}
+    first = cols[seeds[0]]
+    for s in seeds[1:]:
+        if set(cols[s].index) != set(first.index):
+            raise ValueError(f'{out_dir/row_folder(row, s)} and {out_dir/row_folder(row, seeds[0])}: other test images '
+                             f'({len(cols[s])} and {len(first)} images); seeds of one row must test the same images')
+    return pd.DataFrame({s: v.reindex(first.index) for s, v in cols.items()})
+
+def paired_vs_baseline(
+    out_dir:str|Path, # the `out_dir` of `train_and_evaluate`: the parent of the row folders
+    rows:list, # the rows compared with the baseline (the baseline itself, if listed, is left out)
+    seeds:list, # the training seeds; each row is paired with the baseline of the same seed
+    metric:str, # a metrics-table column ('dice1' or 'dice', 'aji', 'pq', ...), see `per_image_scores`
+    baseline:str='Baseline', # the reference row
+    n_boot:int=10_000, # bootstrap resamples
+    ci:float=0.95, # confidence level of the intervals
+    seed:int=0, # seed of the resampling (the same for every line)
+    statistic:str='mean', # 'mean' or 'median' of the per-image differences
+    group:str|None=None, # only the test images of this group (None: all)
+) -> pd.DataFrame:
+    """Per row and seed, `paired_bootstrap` of the row against the baseline of that seed over the test images (in %,
+    as `scores`), then a line per row with seed 'all': per image, row and baseline averaged over the seeds where both
+    have a value, then bootstrapped. Columns row, seed, delta, lo, hi, p_boot, n_images, n_seeds, n_dropped."""
+    out_dir, seeds = Path(out_dir), ([seeds] if isinstance(seeds, int) else list(seeds))
+    rows = [r for r in dict.fromkeys([rows] if isinstance(rows, str) else rows) if r != baseline]
+    if not rows or not seeds: raise ValueError(f'paired_vs_baseline: need at least one row besides {baseline!r} and one seed')
+    missing = [str(out_dir/row_folder(r, s)) for r in [baseline] + rows for s in seeds if not (out_dir/row_folder(r, s)/TABLE_FILE).is_file()]
+    if missing: raise FileNotFoundError(f'paired_vs_baseline: {len(missing)} row folder(s) without {TABLE_FILE}: ' + ', '.join(missing))
+    kw = dict(n_boot=n_boot, ci=ci, seed=seed, statistic=statistic)
+    base = _seed_table(out_dir, baseline, seeds, metric, group)
+    lines = []
+    for r in rows:
+        x = _seed_table(out_dir, r, seeds, metric, group)
+        if set(x.index) != set(base.index):
+            raise ValueError(f'{out_dir/row_folder(r, seeds[0])} and {out_dir/row_folder(baseline, seeds[0])}: other test images '
+                             f'({len(x)} and {len(base)} images); a row and the baseline must be tested on the same images')
+        x = x.reindex(base.index)
+        for s in seeds:
+            res = paired_bootstrap(base[s], x[s], **kw)
+            lines.append(dict(row=r, seed=s, **{k: res[k] for k in ('delta', 'lo', 'hi', 'p_boot')},
+                              n_images=res['n'], n_seeds=1, n_dropped=res['n_dropped']))
+        both = base.notna() & x.notna()  # per image, the seeds where both have a value
+        res = paired_bootstrap(base.where(both).mean(axis=1), x.where(both).mean(axis=1), **kw)
+        lines.append(dict(row=r, seed='all', **{k: res[k] for k in ('delta', 'lo', 'hi', 'p_boot')},
+                          n_images=res['n'], n_seeds=len(seeds), n_dropped=res['n_dropped']))
+    out = pd.DataFrame(lines, columns=['row', 'seed', 'delta', 'lo', 'hi', 'p_boot', 'n_images', 'n_seeds', 'n_dropped'])
+    out.attrs.update(metric=metric, baseline=baseline, ci=ci, n_boot=n_boot, statistic=statistic, group=group, out_dir=str(out_dir))
+    return out
+
+# %% ../../nbs/09c_report.ipynb #9cedfd4e
+def format_paired(
+    paired:pd.DataFrame, # what `paired_vs_baseline` returned
+    digits:int=2, # decimals
+) -> pd.DataFrame:
+    "Text table: one line per row, one column per seed and 'all', each 'delta [lo, hi]' with signs, e.g. '+1.23 [-0.40, +2.90]'."
+    missing = [c for c in ('row', 'seed', 'delta', 'lo', 'hi') if c not in paired.columns]
+    if missing: raise ValueError(f'format_paired: no column {missing}; expected what paired_vs_baseline returned')
+    f = lambda v: f'{v:+.{digits}f}'
+    txt = paired.assign(text=[f'{f(d)} [{f(l)}, {f(h)}]' for d, l, h in zip(paired['delta'], paired['lo'], paired['hi'])])
+    out = txt.pivot(index='row', columns='seed', values='text')
+    out = out.loc[list(dict.fromkeys(paired['row'])), list(dict.fromkeys(paired['seed']))]
+    out.columns = [c if c == 'all' else f'seed {c}' for c in out.columns]
+    out.columns.name = f"Δ {paired.attrs['metric']} [{paired.attrs['ci']:.0%} CI]" if {'metric', 'ci'} <= set(paired.attrs) else None
+    return out.fillna('')

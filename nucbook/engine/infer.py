@@ -104,6 +104,7 @@ def evaluate_model(
     type_ids:list|None=None, # types scored by the classification statistics (default: all true types)
     progress:bool=False, # show a tqdm bar
     conventions:str='hovernet', # metric conventions of `evaluate` ('hovernet', 'conic', 'stardist'; see 05_metrics)
+    extra:tuple=(), # optional metrics of `evaluate` (`EXTRA_METRICS`: 'aji_gong', 'object_dice', 'ap')
     **kwargs, # passed to `predict_sample` (postprocess, window, overlap, ...)
 ):
     "Predictions for `samples` and their metrics table: `(predictions, nucbook.eval.metrics.evaluate(...))`."
@@ -113,4 +114,4 @@ def evaluate_model(
     if not typed:  # score instances only
         samples = [Sample(s.image, s.inst_map, meta=s.meta) for s in samples]
         preds = [Sample(p.image, p.inst_map, meta=p.meta) for p in preds]
-    return preds, evaluate(samples, preds, type_ids=type_ids if typed else None, conventions=conventions)
+    return preds, evaluate(samples, preds, type_ids=type_ids if typed else None, conventions=conventions, extra=extra)
