@@ -8,6 +8,13 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Property tests draw the same examples on every run (CI must not turn red by the luck of a draw); a failing example is
+# printed with its seed. `HYPOTHESIS_PROFILE=explore` draws new examples each run, to look for cases the fixed ones miss.
+from hypothesis import settings as _hypothesis_settings
+_hypothesis_settings.register_profile('nucbook', derandomize=True, print_blob=True)
+_hypothesis_settings.register_profile('explore', derandomize=False, print_blob=True)
+_hypothesis_settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'nucbook'))
+
 
 def _skip_reason(report) -> str:
     r = report.longrepr

@@ -332,9 +332,20 @@ def test_occlusion_invariant_on_real_crops(data_root, name, data, seed):
     inp = random_crop(pool[int(rng.integers(len(pool)))], 256, rng)
     out = get_augmentation(name)(inp, rng, pool)
     errors, shown = unlabelled_nucleus_pixels(inp, out, donor_views(inp, out.record, pool))
-    assert shown > 0 and errors == 0, (errors, shown)
+    assert errors == 0, (errors, shown)  # shown can be 0: a mix box may cover every nucleus of a sparse crop (then all are recorded)
     assert rule_violations(inp, out, pool) == [] and unaccounted_nuclei(inp, out.record) == []
     check_record(out.record)
+
+@pytest.mark.realdata
+def test_occlusion_invariant_when_a_mix_covers_every_nucleus(data_root):
+    "A CoNSeP crop with two nuclei whose CutMix box covers both (found by a random draw that once failed CI)."
+    from nucbook.data.crops import random_crop
+    consep, _ = real_sets(str(data_root))
+    rng = np.random.default_rng(25088)
+    inp = random_crop(consep[int(rng.integers(len(consep)))], 256, rng)
+    out = get_augmentation('cutmix')(inp, rng, consep)
+    assert inp.n_instances == 2 and unlabelled_nucleus_pixels(inp, out, donor_views(inp, out.record, consep)) == (0, 0)
+    assert unaccounted_nuclei(inp, out.record) == [] and rule_violations(inp, out, consep) == []
 
 # ---------------------------------------------------------------- a budget of rare nuclei (insert_rare)
 
