@@ -282,11 +282,25 @@ def test_smoke_notebook_runs(tmp_path):
     assert m['label'].startswith('SMOKE RUN') and 'synthetic data' in m['label'] and 'NOT a reproduction' in m['label']
     assert [x['row'] for x in m['results']] == ['Baseline', 'Sem-Aware']
     assert [x['n_train'] for x in m['results']] == [8, 14] and all('ap50_all' in x and 'ap50_95_all' in x for x in m['results'])
-    assert {k: v['policies evaluated'] for k, v in m['searches'].items()} == {'single': 400, 'multi': 400}
+    assert {k: v['policies evaluated'] for k, v in m['searches'].items()} == {'single': 325, 'multi': 325}  # 65 + 2 x 65 + 2 x 65 (max_depth 3)
     assert m['wae']['steps'] == 150 and m['r'] == 6 and m['generation']['size'] == 128
     assert 'NOT comparable' in m['realism']['features']
     for kind in ('single', 'multi'):
         s = json.loads((tmp_path/f'search_{kind}.json').read_text())
-        assert len(s['evaluated']) == 400 and s['finished'] and s['settings']['scorer']['kind'] == kind
+        assert len(s['evaluated']) == 325 and s['finished'] and s['settings']['scorer']['kind'] == kind
     assert {'semantic_search.png', 'semantic_fig3_single.png', 'semantic_fig4_multi.png', 'semantic_fig5_images.png',
             'semantic_data.png', 'params.json'} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_magnitude_free_operations_are_scored_once_and_recorded(tmp_path):
+    "single_magnitude: the operations without a magnitude are tried at magnitude 0 only; the search still finds TARGET."
+    free = ['FlipLR', 'FlipUD', 'AutoContrast', 'Equalize', 'Smooth']
+    res = greedy_search(toy_score, OPERATIONS, MAGNITUDES, max_depth=1, single_magnitude=free)
+    assert len(res) == 6 * 10 + 5 and len({tuple(r['policy']) for r in res.ranked}) == len(res)
+    assert all(r['policy'][0][1] == 0 for r in res.ranked if r['policy'][0][0] in free)
+    full = greedy_search(toy_score, OPERATIONS, MAGNITUDES, max_depth=8, keep=1, single_magnitude=[o for o in free if o not in {u[0] for u in TARGET}])
+    assert tuple(full.best['policy']) == tuple(TARGET)
+    f = tmp_path/'s.json'
+    greedy_search(toy_score, OPERATIONS, MAGNITUDES, max_depth=2, out=f, single_magnitude=free)
+    with pytest.raises(SettingsMismatch):  # a search file made with other magnitude rules is not resumed
+        greedy_search(toy_score, OPERATIONS, MAGNITUDES, max_depth=2, out=f)

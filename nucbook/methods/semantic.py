@@ -108,14 +108,18 @@ def greedy_search(
     seed:int=0, # seed of the order in which a layer's candidates are scored
     scorer:dict|None=None, # what identifies the scorer (model, cells, ...): a resumed search must have the same
     save_every:int=50, # evaluations between two saves of `out` (it is also saved after the last one, and on an error)
+    single_magnitude:Sequence[str]=(), # operations that take no magnitude (FlipLR, Equalize, ...): tried at magnitude 0 only, not M identical times (default: none, Eq. 1's count)
 ) -> SearchResult:
     "Greedy AutoAugment (Sec. 2.2): layer 1 scores every (operation, magnitude); each next layer appends one more to the `keep` best of the last."
     ops = [str(o) for o in operations]
     if not ops or len(set(ops)) != len(ops): raise ValueError(f'greedy_search: operations must be distinct names, got {ops}')
     M, L, K = _whole(magnitudes, 'magnitudes'), _whole(max_depth, 'max_depth'), _whole(keep, 'keep')
+    free = [str(o) for o in single_magnitude]
+    if set(free) - set(ops): raise ValueError(f'greedy_search: single_magnitude {sorted(set(free) - set(ops))} are not among the operations')
     budget, save_every = _whole(max_policies, 'max_policies'), _whole(save_every, 'save_every')
     settings = json.loads(json.dumps(dict(operations=ops, magnitudes=M, max_depth=L, keep=K, max_policies=budget,
-                                          seed=int(seed), scorer=scorer or {}), default=str))
+                                          seed=int(seed), scorer=scorer or {},
+                                          **({'single_magnitude': sorted(free)} if free else {})), default=str))
     path = None if out is None else Path(out)
     stored = _read_search(path, settings) if path is not None and path.exists() else []
     done, layers, state = [], [], dict(saved=len(stored), scored=0)
@@ -141,7 +145,7 @@ def greedy_search(
         if len(done) - state['saved'] >= save_every: save()
         return float(s)
 
-    units = [(o, m) for o in ops for m in range(M)]
+    units = [(o, m) for o in ops for m in (range(1) if o in free else range(M))]
     parents, best, stopped = [()], -math.inf, 'max_depth'
     try:
         for layer in range(1, L + 1):
