@@ -2,6 +2,7 @@
 overlaps; balancing maps are GradMix's labels on the original image; synthesis carries the maps exactly, starts from the
 original and depends on the seed only; iteration-matched epochs; the paper's Table 1; the two SDM phases; the smoke run."""
 import json
+from smoke import run_smoke
 import cv2
 import numpy as np
 import pytest
@@ -242,13 +243,7 @@ def test_train_sdm_two_phases(tmp_path):
 
 def test_smoke_notebook_runs(tmp_path):
     "The smoke profile end to end (`make test` runs it): SDM phases, maps, synthesis, five segmenter rows, tables."
-    import subprocess, sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([str(Path(sys.executable).parent/'nucbook'), 'run', '13_diffmix', '--profile', 'smoke', '--out', str(tmp_path),
-                        '--no-progress'], cwd=root, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((tmp_path/'metrics.json').read_text())
+    m = run_smoke('13_diffmix', tmp_path)
     assert m['label'].startswith('SMOKE RUN') and 'synthetic data' in m['label'] and 'NOT a reproduction' in m['label']
     assert [row['row'] for row in m['results']] == DIFFMIX_ROWS
     assert [row['epochs'] for row in m['results']] == [12, 6, 9, 9, 6] and [row['n_train'] for row in m['results']] == [6, 12, 8, 8, 12]

@@ -3,6 +3,7 @@ steps lowering their losses, G's loss as Eq. 8 weighs it, synthesis carrying M(x
 Tables 1-4, resumable phases (stopped and resumed = uninterrupted; changed settings refused), the TCGA split helpers,
 the two AJIs, and the smoke run."""
 import copy, json
+from smoke import run_smoke
 import numpy as np
 import pytest
 import torch
@@ -217,13 +218,7 @@ def test_two_ajis_differ_and_scores():
 
 def test_smoke_notebook_runs(tmp_path):
     "The smoke profile end to end (`make test` runs it): three phases, synthesis, Fig. 3, five rows, tables, metrics.json."
-    import subprocess, sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([str(Path(sys.executable).parent/'nucbook'), 'run', '14_gong', '--profile', 'smoke', '--out', str(tmp_path),
-                        '--no-progress'], cwd=root, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((tmp_path/'metrics.json').read_text())
+    m = run_smoke('14_gong', tmp_path)
     assert m['label'].startswith('SMOKE RUN') and 'NOT a reproduction' in m['label'] and 'offline default, not pretrained' in m['label']
     assert m['encoder'] == m['gan']['encoder']['name'] and 'offline default' in m['encoder']
     assert [row['row'] for row in m['results']] == GONG_ROWS

@@ -1,6 +1,7 @@
 """InsMix: SSD constraints, instance-correct copy-paste, background perturbation, smooth-GAN parts, resume, interface,
 the occlusion invariant on real crops."""
 import json, os, subprocess, sys
+from smoke import run_smoke
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -540,10 +541,7 @@ def test_background_perturbation_protects_pasted_nuclei(bank, seed):
 
 def test_smoke_notebook_runs(tmp_path):
     "`make demo`: the smoke profile end to end (smooth-GAN, augmentation, segmenter with and without InsMix)."
-    r = subprocess.run([str(Path(sys.executable).parent/'nucbook'), 'run', '11_insmix', '--profile', 'smoke', '--out', str(tmp_path),
-                        '--no-progress'], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((tmp_path/'metrics.json').read_text())
+    m = run_smoke('11_insmix', tmp_path)
     assert m['label'].startswith('SMOKE RUN') and 'synthetic data' in m['label'] and set(m['table3']) == {'Baseline', '+SSD+BgP+s-GAN'}
     # beside our rows: the paper's HoVer-Net numbers (another dataset here) and TAFE's as another segmenter's, with their deltas
     t3 = m['table3']['+SSD+BgP+s-GAN']

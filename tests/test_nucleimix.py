@@ -1,6 +1,7 @@
 """NucleiMix (nbs/12_nucleimix.ipynb): Eq. 1, stable softmaxes, insertion masks, labels and types after every insertion,
 termination, margins, known pixels after progressive and conventional inpainting, feature extractors, clear errors."""
 import warnings
+from smoke import run_smoke
 import cv2
 import numpy as np
 import pytest
@@ -253,13 +254,7 @@ def test_errors_name_the_problem(scene, train, fitted):
 
 def test_smoke_notebook_runs(tmp_path):
     "The smoke profile end to end (`make test` runs it): diffusion training, inpainting, comparators, segmenter rows, tables."
-    import json, subprocess, sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([str(Path(sys.executable).parent/'nucbook'), 'run', '12_nucleimix', '--profile', 'smoke', '--out', str(tmp_path),
-                        '--no-progress'], cwd=root, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((tmp_path/'metrics.json').read_text())
+    m = run_smoke('12_nucleimix', tmp_path)
     assert m['label'].startswith('SMOKE RUN') and 'synthetic data' in m['label'] and 'NOT a reproduction' in m['label']
     assert "augmented rows: 6 epochs from the baseline's epoch 6" in m['label']
     rep = m['nucleimix']['reports']['8']

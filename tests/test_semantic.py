@@ -3,6 +3,7 @@ the score stops improving, deterministic, resumable, refuses changed settings), 
 (no overlaps, exact labels, the training images' count distribution and single/multi ratio), the paper's tables and
 the smoke run."""
 import json, subprocess, sys
+from smoke import run_smoke
 from pathlib import Path
 import numpy as np
 import pytest
@@ -275,10 +276,7 @@ def test_paper_tables():
 
 def test_smoke_notebook_runs(tmp_path):
     "The smoke profile end to end (`make test` runs it): WAE, both searches, generation, realism, two segmenter rows."
-    r = subprocess.run([str(Path(sys.executable).parent/'nucbook'), 'run', '15_semantic', '--profile', 'smoke', '--out', str(tmp_path),
-                        '--no-progress'], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((tmp_path/'metrics.json').read_text())
+    m = run_smoke('15_semantic', tmp_path)
     assert m['label'].startswith('SMOKE RUN') and 'synthetic data' in m['label'] and 'NOT a reproduction' in m['label']
     assert [x['row'] for x in m['results']] == ['Baseline', 'Sem-Aware']
     assert [x['n_train'] for x in m['results']] == [8, 14] and all('ap50_all' in x and 'ap50_95_all' in x for x in m['results'])
