@@ -40,6 +40,20 @@ def data_root():
     return Path(d)
 
 
+@pytest.fixture(scope='module')
+def bench_train():
+    "The benchmark's smoke training set, as `nucbook.bench` gives it to a method's `bench_rows`: 6 typed synthetic tiles of 128 px."
+    from nucbook.bench.protocol import load_splits
+    return load_splits('synthetic', n_train=6, n_test=2, tile_size=128).train
+
+
+@pytest.fixture(scope='module')
+def bench_untyped(bench_train):
+    "The same tiles without types."
+    from dataclasses import replace
+    return [replace(s, type_map=None, inst_types=None) for s in bench_train]
+
+
 class OracleEps:
     "A perfect noise predictor for a known clean image x0: eps = (y_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."
     def __new__(cls, x0, sched, sample_size):

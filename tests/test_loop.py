@@ -1,6 +1,6 @@
 """The resumable loop (`nucbook.engine.loop`) and the trainers on it: exact resume after SIGKILL, a failed save, a
 `max_seconds` stop or an exception; refusal of changed settings; `extend`; rank-0-only writing. CPU, one thread."""
-import importlib.util, os, re, signal, subprocess, sys, textwrap
+import importlib.util, json, os, re, signal, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ import torch
 from nucbook.core import load_checkpoint
 from nucbook.data.synth import synth_dataset
 from nucbook.engine import loop as loop_mod
-from nucbook.engine.loop import (LossHistory, ResumableLoop, SettingsMismatch, checkpoint_state, describe, settings_diff,
-                                 step_seed)
+from nucbook.engine.loop import (LossHistory, ResumableLoop, SettingsMismatch, checkpoint_state, claim_settings, describe,
+                                 settings_diff, step_seed)
 
 torch.set_num_threads(1)
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'NO_ALBUMENTATIONS_UPDATE': '1'}
@@ -340,3 +340,27 @@ def test_progress_lines_rank_zero_stderr_and_bad_settings(toy, tmp_path, monkeyp
         toy.toy_loop(tmp_path/'c', steps=2).run()
     monkeypatch.setenv('NUCBOOK_PROGRESS_EVERY', '0'); monkeypatch.setenv('NUCBOOK_PROGRESS', str(tmp_path))  # a folder
     assert toy.toy_loop(tmp_path/'d', steps=2).run().finished  # cannot write the lines: warned, trained all the same
+
+
+def test_claim_settings_writes_once_and_refuses_others(tmp_path):
+    "A folder's settings file: written atomically by the first claim, the same settings accepted, others refused by name."
+    f = tmp_path/'work'/'bench.json'
+    first = claim_settings(f, {'seed': np.int64(3), 'steps': (10, 5), 'lr': float('nan'), 'root': Path('a/b')}, 'delete it')
+    assert json.dumps(first) == json.dumps(json.loads(f.read_text()))  # what the file holds
+    assert (first['seed'], first['steps'], first['root']) == (3, [10, 5], 'a/b')
+    assert [p.name for p in f.parent.iterdir()] == ['bench.json']  # no temporary file left
+    stamp = f.stat().st_mtime_ns
+    again = claim_settings(f, {'seed': 3, 'steps': [10, 5], 'lr': float('nan'), 'root': 'a/b'})  # NaN equals NaN
+    assert json.dumps(again) == json.dumps(first) and f.stat().st_mtime_ns == stamp
+    with pytest.raises(SettingsMismatch, match=r'bench\.json was written by a run with other settings \(seed, steps, extra\)') as e:
+        claim_settings(f, {'seed': 4, 'steps': [10, 6], 'lr': float('nan'), 'root': 'a/b', 'extra': 1}, 'use another folder')
+    assert e.value.path == f and list(e.value.diffs) == ['seed', 'steps', 'extra'] and str(e.value).endswith('use another folder')
+    for other, key in (({'steps': [10, 6]}, 'steps'), ({'root': None}, 'root'), ({'lr': 0.1}, 'lr')):  # any one key
+        with pytest.raises(SettingsMismatch, match=rf'other settings \({key}\)'):
+            claim_settings(f, {'seed': 3, 'steps': [10, 5], 'lr': float('nan'), 'root': 'a/b', **other})
+    with pytest.raises(SettingsMismatch, match=r'other settings \(root\)'):  # a key less
+        claim_settings(f, {'seed': 3, 'steps': [10, 5], 'lr': float('nan')})
+    assert json.loads(f.read_text())['seed'] == 3  # a refusal rewrites nothing
+    for text, msg in (('{"seed": 3', 'not readable JSON'), ('"seed"', 'holds a JSON str, not settings')):
+        f.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f'{f}: {msg}')): claim_settings(f, {'seed': 3})

@@ -1,11 +1,12 @@
-"The sample conventions and label utilities every module relies on."
+"The sample conventions and label utilities every module relies on, and sample sets on disk."
+import json, zipfile
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from scipy import ndimage as ndi
 from dataclasses import replace
-from nucbook.data.sample import (LabelError, check_sample, keep_largest_component, make_sample, remove_small_instances,
-                            to_inst_map, types_from_type_map, type_map_from_types)
+from nucbook.data.sample import (LabelError, check_sample, keep_largest_component, load_samples, make_sample,
+                                 remove_small_instances, save_samples, to_inst_map, types_from_type_map, type_map_from_types)
 
 
 def _largest_piece_loop(m):
@@ -78,3 +79,63 @@ def test_one_validator_for_samples_and_augmentations():
     for bad, msg in cases:
         with pytest.raises(LabelError, match=msg): bad.validate()
         with pytest.raises(LabelError, match=r'pool\[1\] \(t.mat\): .*' + msg): check_sample(bad, 'pool[1]')
+
+
+def random_set(seed, n=4):
+    "n samples of random labels and sizes, typed and untyped alternately, with meta JSON does not write as it is."
+    rng, out = np.random.default_rng(seed), []
+    for i in range(n):
+        h, w = rng.integers(5, 30, 2)
+        raw = rng.choice([0, 3, 8, 20], size=(h, w))
+        types = {3: 1, 8: 2, 20: int(rng.integers(1, 5))} if i % 2 == 0 else None
+        out.append(make_sample(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), raw, inst_types=types,
+                               meta={'image_id': f'r{seed}-{i}', 'box': (int(h), int(w)), 'area': np.int64(h * w),
+                                     'mean': np.float32(0.5)}))
+    return out
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_sample_set_round_trip_is_exact(seed, tmp_path):
+    samples = random_set(seed)
+    path = save_samples(tmp_path/'a'/'set.npz', samples, {'seed': seed, 'sizes': (1, 2), 'lr': np.float64(0.1)})
+    back, settings = load_samples(path)
+    assert settings == {'lr': 0.1, 'seed': seed, 'sizes': [1, 2]} and len(back) == len(samples)
+    for a, b in zip(samples, back):
+        assert b.has_types == a.has_types
+        for f in ('image', 'inst_map', 'type_map', 'inst_types'):
+            x, y = getattr(a, f), getattr(b, f)
+            assert (x is None and y is None) or (np.array_equal(x, y) and x.dtype == y.dtype), f
+        assert b.meta == json.loads(json.dumps({**a.meta, 'area': int(a.meta['area']), 'mean': 0.5}))  # tuples as lists
+    again = tmp_path/'again.npz'
+    save_samples(again, back, settings)  # what was read back writes the same arrays again
+    with np.load(path) as x, np.load(again) as y:
+        assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files)
+
+
+def test_sample_set_of_the_layout_before_its_tag(tmp_path):
+    "DiffMix's sets written before `save_samples` had its tag: the same arrays without 'format' and 'kind' are read."
+    s = random_set(7, 1)[0]
+    np.savez_compressed(tmp_path/'old.npz', settings=np.array('{"kind": "enlarging"}'), n=np.array(1), **{
+        '0_image': s.image, '0_inst_map': s.inst_map, '0_type_map': s.type_map, '0_inst_types': s.inst_types,
+        '0_meta': np.array(json.dumps({'image_id': 'x'}))})
+    (b,), settings = load_samples(tmp_path/'old.npz')
+    assert settings == {'kind': 'enlarging'} and np.array_equal(b.inst_types, s.inst_types) and b.meta == {'image_id': 'x'}
+    with pytest.raises(ValueError, match="old.npz: a sample set of kind '', not 'k/1'"): load_samples(tmp_path/'old.npz', 'k/1')
+
+
+def test_sample_set_errors_name_the_file(tmp_path):
+    good = save_samples(tmp_path/'good.npz', random_set(1, 2), kind='k/1')
+    with pytest.raises(FileNotFoundError, match='nothing.npz: no such sample set'): load_samples(tmp_path/'nothing.npz')
+    # a damaged member inside an intact archive (the archive's checksum fails)
+    with zipfile.ZipFile(good) as z: info = z.getinfo('0_image.npy')
+    data = bytearray(good.read_bytes()); mid = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    data[mid] ^= 0xFF; (tmp_path/'damaged.npz').write_bytes(bytes(data))
+    with pytest.raises(ValueError, match='damaged.npz: not a readable sample set'): load_samples(tmp_path/'damaged.npz')
+    (tmp_path/'empty.npz').write_bytes(b'')
+    with pytest.raises(ValueError, match='empty.npz: not a sample set'): load_samples(tmp_path/'empty.npz')
+    with pytest.raises(ValueError, match="good.npz: a sample set of kind 'k/1', not 'k/2'"): load_samples(good, 'k/2')
+    assert len(load_samples(good, 'k/1')[0]) == 2
+    with pytest.raises(TypeError, match="x.npz: the extra array 'o' holds Python objects"):
+        save_samples(tmp_path/'x.npz', [], extra={'o': np.array([{}, 1], dtype=object)})
+    with pytest.raises(LabelError, match=r'x.npz: samples\[0\]: expected a nucbook Sample'): save_samples(tmp_path/'x.npz', [np.zeros(3)])
+    assert not (tmp_path/'x.npz').exists()

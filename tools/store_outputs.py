@@ -8,7 +8,7 @@ import argparse, base64, io, json, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ['10_data_tour', '10a_baseline', '10b_augment_gallery', '11_insmix', '12_nucleimix', '13_diffmix', '14_gong', '15_semantic']
+NOTEBOOKS = ['10_data_tour', '10a_baseline', '10b_augment_gallery', '11_insmix', '12_nucleimix', '13_diffmix', '14_gong', '15_semantic', '16_benchmark']
 MAX_BYTES = 1_000_000
 JPEG_ABOVE = 40_000  # PNG figures larger than this (bytes, decoded) are stored as JPEG
 
@@ -29,10 +29,14 @@ def shrink_images(nb:dict) -> int:
     return n
 
 
+FRESH = {'16_benchmark': ['runs/benchmark-smoke']}  # folders a notebook reads or runs into besides its own (its smoke grid)
+
+
 def store(name:str, runs:Path) -> dict:
     from nucbook.cli import run_notebook
     src = ROOT/'nbs'/f'{name}.ipynb'
     shutil.rmtree(runs/name, ignore_errors=True)  # a fresh run: cached rows of older code must not be shown
+    for d in FRESH.get(name, []): shutil.rmtree(ROOT/d, ignore_errors=True)
     run_dir = run_notebook(src, out=runs/name, progress=False)
     ran = json.loads((run_dir/src.name).read_text())
     orig = json.loads(src.read_text())

@@ -188,7 +188,7 @@ def row_folder(
     return re.sub(r'[^A-Za-z0-9_.=-]+', '_', row.replace('+', 'plus-')) + f'-seed{seed}'
 
 _MEAN_SCORES = (('dice', 'dice1'), ('aji', 'aji'), ('dq', 'dq'), ('sq', 'sq'), ('pq', 'pq'), ('mpq', 'mpq')) # key, metrics-table column
-_POOLED_SCORES = re.compile(r'^(f1_d|acc|f1_c_\d+)$') # classification columns of the pooled rows
+_POOLED_SCORES = re.compile(r'^(f1_d|acc|f1_c_\d+|mpq_plus|pq_plus_\d+)$') # classification and pooled per-class PQ (mPQ+, CoNIC) columns of the pooled rows
 SCORE_EXTRAS = ('pixel_f1', 'object_f1') + EXTRA_METRICS # what `scores` / `train_and_evaluate` keep on request (`extra`)
 
 def _extra_columns(extra) -> list:
@@ -203,7 +203,7 @@ def scores(
     extra:tuple=(), # also keep these mean-row columns (`SCORE_EXTRAS`: 'pixel_f1', 'object_f1', 'aji_gong', 'object_dice', 'ap')
 ) -> dict:
     """In %, per group ('all' and each test group): `dice_<g>`, `aji_<g>`, `dq_<g>`, `sq_<g>`, `pq_<g>` (and `mpq_<g>`
-    when typed) from the mean rows, and the columns of `extra` (e.g. `aji_gong_<g>`, `ap50_<g>`); for typed runs `f1_d_<g>`, `acc_<g>`, `f1_c_<t>_<g>` from the pooled rows."""
+    when typed) from the mean rows, and the columns of `extra` (e.g. `aji_gong_<g>`, `ap50_<g>`); for typed runs `f1_d_<g>`, `acc_<g>`, `f1_c_<t>_<g>`, `mpq_plus_<g>` and `pq_plus_<t>_<g>` (CoNIC's pooled per-class PQ) from the pooled rows."""
     out, cols = {}, _extra_columns(extra)
     for _, r in table[table['kind'] == 'mean'].iterrows():
         g = r['group'] if isinstance(r.get('group'), str) else 'all'

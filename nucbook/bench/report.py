@@ -245,18 +245,25 @@ def paired_bootstrap(
                 n=int(n), n_dropped=int((~keep).sum()), n_boot=int(n_boot), ci=float(ci), statistic=statistic)
 
 # %% ../../nbs/09c_report.ipynb #1c8df3bc
-def _seed_table(out_dir:Path, row:str, seeds:list, metric:str, group) -> pd.DataFrame:
+def _row_dir(out_dir, row:str, seed) -> Path:
+    "The folder of one row and seed: `out_dir/<row_folder>`, or `out_dir[(row, seed)]` when `out_dir` maps them."
+    if isinstance(out_dir, dict):
+        if (row, seed) not in out_dir: raise FileNotFoundError(f'paired_vs_baseline: no folder given for row {row!r}, seed {seed}')
+        return Path(out_dir[(row, seed)])
+    return Path(out_dir)/row_folder(row, seed)
+
+def _seed_table(out_dir, row:str, seeds:list, metric:str, group) -> pd.DataFrame:
     "Per-image values (%) of one row: images x seeds; the seeds must have tested the same images."
-    cols = {s: per_image_scores(out_dir/row_folder(row, s), metric, group) * 100 for s in seeds}
+    cols = {s: per_image_scores(_row_dir(out_dir, row, s), metric, group) * 100 for s in seeds}
     first = cols[seeds[0]]
     for s in seeds[1:]:
         if set(cols[s].index) != set(first.index):
-            raise ValueError(f'{out_dir/row_folder(row, s)} and {out_dir/row_folder(row, seeds[0])}: other test images '
+            raise ValueError(f'{_row_dir(out_dir, row, s)} and {_row_dir(out_dir, row, seeds[0])}: other test images '
                              f'({len(cols[s])} and {len(first)} images); seeds of one row must test the same images')
     return pd.DataFrame({s: v.reindex(first.index) for s, v in cols.items()})
 
 def paired_vs_baseline(
-    out_dir:str|Path, # the `out_dir` of `train_and_evaluate`: the parent of the row folders
+    out_dir:str|Path|dict, # the `out_dir` of `train_and_evaluate` (the parent of the row folders), or {(row, seed): row folder} (runs of a batch)
     rows:list, # the rows compared with the baseline (the baseline itself, if listed, is left out)
     seeds:list, # the training seeds; each row is paired with the baseline of the same seed
     metric:str, # a metrics-table column ('dice1' or 'dice', 'aji', 'pq', ...), see `per_image_scores`
@@ -270,10 +277,12 @@ def paired_vs_baseline(
     """Per row and seed, `paired_bootstrap` of the row against the baseline of that seed over the test images (in %,
     as `scores`), then a line per row with seed 'all': per image, row and baseline averaged over the seeds where both
     have a value, then bootstrapped. Columns row, seed, delta, lo, hi, p_boot, n_images, n_seeds, n_dropped."""
-    out_dir, seeds = Path(out_dir), ([seeds] if isinstance(seeds, int) else list(seeds))
+    out_dir, seeds = (out_dir if isinstance(out_dir, dict) else Path(out_dir)), ([seeds] if isinstance(seeds, int) else list(seeds))
     rows = [r for r in dict.fromkeys([rows] if isinstance(rows, str) else rows) if r != baseline]
     if not rows or not seeds: raise ValueError(f'paired_vs_baseline: need at least one row besides {baseline!r} and one seed')
-    missing = [str(out_dir/row_folder(r, s)) for r in [baseline] + rows for s in seeds if not (out_dir/row_folder(r, s)/TABLE_FILE).is_file()]
+    missing = [str(_row_dir(out_dir, r, s)) for r in [baseline] + rows for s in seeds
+               if ((r, s) in out_dir if isinstance(out_dir, dict) else True) and not (_row_dir(out_dir, r, s)/TABLE_FILE).is_file()]
+    if isinstance(out_dir, dict): missing += [f'{r!r} seed {s} (not given)' for r in [baseline] + rows for s in seeds if (r, s) not in out_dir]
     if missing: raise FileNotFoundError(f'paired_vs_baseline: {len(missing)} row folder(s) without {TABLE_FILE}: ' + ', '.join(missing))
     kw = dict(n_boot=n_boot, ci=ci, seed=seed, statistic=statistic)
     base = _seed_table(out_dir, baseline, seeds, metric, group)
@@ -281,7 +290,7 @@ def paired_vs_baseline(
     for r in rows:
         x = _seed_table(out_dir, r, seeds, metric, group)
         if set(x.index) != set(base.index):
-            raise ValueError(f'{out_dir/row_folder(r, seeds[0])} and {out_dir/row_folder(baseline, seeds[0])}: other test images '
+            raise ValueError(f'{_row_dir(out_dir, r, seeds[0])} and {_row_dir(out_dir, baseline, seeds[0])}: other test images '
                              f'({len(x)} and {len(base)} images); a row and the baseline must be tested on the same images')
         x = x.reindex(base.index)
         for s in seeds:
@@ -293,7 +302,7 @@ def paired_vs_baseline(
         lines.append(dict(row=r, seed='all', **{k: res[k] for k in ('delta', 'lo', 'hi', 'p_boot')},
                           n_images=res['n'], n_seeds=len(seeds), n_dropped=res['n_dropped']))
     out = pd.DataFrame(lines, columns=['row', 'seed', 'delta', 'lo', 'hi', 'p_boot', 'n_images', 'n_seeds', 'n_dropped'])
-    out.attrs.update(metric=metric, baseline=baseline, ci=ci, n_boot=n_boot, statistic=statistic, group=group, out_dir=str(out_dir))
+    out.attrs.update(metric=metric, baseline=baseline, ci=ci, n_boot=n_boot, statistic=statistic, group=group, out_dir=out_dir if isinstance(out_dir, dict) else str(out_dir))
     return out
 
 # %% ../../nbs/09c_report.ipynb #9cedfd4e

@@ -7,17 +7,20 @@ Docs: https://nucbook.github.io/nucbook/sample.html.md"""
 
 # %% ../../nbs/01_sample.ipynb #d4cf05a6
 from __future__ import annotations
+import json, zipfile, zlib
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 import numpy as np
 from skimage.measure import label as label_regions
 from skimage.segmentation import relabel_sequential
+from ..core import atomic_write
 
 # %% auto #0
-__all__ = ['LabelError', 'as_rgb_uint8', 'check_inst_map', 'to_inst_map', 'remove_small_instances', 'keep_largest_component',
-           'types_from_type_map', 'type_map_from_types', 'instance_centroids', 'Sample', 'source_name', 'check_sample',
-           'make_sample']
+__all__ = ['SAMPLES_FORMAT', 'LabelError', 'as_rgb_uint8', 'check_inst_map', 'to_inst_map', 'remove_small_instances',
+           'keep_largest_component', 'types_from_type_map', 'type_map_from_types', 'instance_centroids', 'Sample',
+           'source_name', 'check_sample', 'make_sample', 'save_samples', 'load_samples']
 
 # %% ../../nbs/01_sample.ipynb #6f60e5c2
 class LabelError(ValueError):
@@ -244,3 +247,66 @@ def make_sample(
         t = types_from_type_map(m, type_map)
         return Sample(image, m, type_map_from_types(m, t), t, meta).validate()
     return Sample(image, m, None, None, meta).validate()
+
+# %% ../../nbs/01_sample.ipynb #2ec3994b
+SAMPLES_FORMAT = 'nucbook.data.sample.samples/1' # the layout tag of a `save_samples` file
+
+def _plain(o, lenient:bool=False):
+    "For `json.dumps`: NumPy values as Python's, a path as its str; anything else as its str when `lenient`, else an error."
+    if isinstance(o, np.generic): return o.item()
+    if isinstance(o, np.ndarray): return o.tolist()
+    if isinstance(o, Path) or lenient: return str(o)
+    raise TypeError(f'{type(o).__name__} is not JSON-able')
+
+def save_samples(
+    path:str|Path, # .npz file, (re)written atomically
+    samples:list, # Samples, typed or untyped (each is checked before anything is written)
+    settings:dict|None=None, # what made them, JSON-able (NumPy values, tuples and paths are converted); `load_samples` returns it
+    kind:str|None=None, # what the set is (e.g. a method's format name); `load_samples(path, kind)` refuses a set of another kind
+    extra:dict|None=None, # other named arrays (numbers, booleans) kept with the samples; `load_samples(path, extra=True)` returns them
+) -> Path:
+    "Write samples (images, labels, types, meta) and the settings that made them to one compressed `.npz`, atomically."
+    path, samples = Path(path), list(samples)
+    for i, s in enumerate(samples): check_sample(s, f'{path}: samples[{i}]')
+    def text(o, what, **kw):
+        try: return np.array(json.dumps(o, **kw))
+        except (TypeError, ValueError) as e: raise TypeError(f'{path}: {what} cannot be written as JSON ({e})') from None
+    arrays = {'format': np.array(SAMPLES_FORMAT), 'kind': np.array(kind or ''), 'n': np.array(len(samples)),
+              'settings': text(settings or {}, 'the settings', sort_keys=True, default=_plain)}
+    for i, s in enumerate(samples):
+        arrays.update({f'{i}_image': s.image, f'{i}_inst_map': s.inst_map,
+                       f'{i}_meta': text(s.meta, f'the meta of samples[{i}]', default=partial(_plain, lenient=True))})
+        if s.has_types: arrays.update({f'{i}_type_map': s.type_map, f'{i}_inst_types': np.asarray(s.inst_types, np.int32)})
+    for k, a in (extra or {}).items():
+        if np.asarray(a).dtype == object: raise TypeError(f'{path}: the extra array {k!r} holds Python objects, not numbers')
+        arrays[f'x_{k}'] = np.asarray(a)
+    with atomic_write(path, 'wb') as f: np.savez_compressed(f, **arrays)
+    return path
+
+def load_samples(
+    path:str|Path, # a `save_samples` file
+    kind:str|None=None, # the kind the set must be (None: any)
+    extra:bool=False, # also return the extra arrays
+) -> tuple:
+    "`(samples, settings)` of a `save_samples` file (with `extra`: `(samples, settings, arrays)`); every Sample is checked, errors name the file."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f'{path}: no such sample set (no file)')
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f'{path}: not a sample set (not an .npz archive, or a truncated one); delete it to make it again')
+    try:
+        with np.load(path) as z:
+            keys = set(z.files)  # files written before the layout tag (DiffMix's sets) have the same arrays
+            layout = str(z['format']) if 'format' in keys else SAMPLES_FORMAT if {'n', 'settings'} <= keys else None
+            got = str(z['kind']) if 'kind' in keys else ''
+            if layout == SAMPLES_FORMAT and kind in (None, got):
+                settings = json.loads(str(z['settings']))
+                samples = [Sample(z[f'{i}_image'], z[f'{i}_inst_map'], *((z[f'{i}_type_map'], z[f'{i}_inst_types']) if f'{i}_type_map'
+                                  in keys else (None, None)), json.loads(str(z[f'{i}_meta']))) for i in range(int(z['n']))]
+                arrays = {k[2:]: z[k] for k in sorted(keys) if k.startswith('x_')}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f'{path}: not a readable sample set ({type(e).__name__}: {e}); delete it to make it again') from None
+    if layout != SAMPLES_FORMAT: raise ValueError(f'{path}: not a sample set of `save_samples` (its arrays: {", ".join(sorted(keys)[:6])})')
+    if kind not in (None, got): raise ValueError(f'{path}: a sample set of kind {got!r}, not {kind!r}')
+    for i, s in enumerate(samples): check_sample(s, f'{path} [{i}]')
+    return (samples, settings, arrays) if extra else (samples, settings)
+

@@ -14,12 +14,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-from ..core import PROGRESS_ENV, PROGRESS_EVERY_ENV, format_duration, get_logger, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state, timestamp
+from ..core import PROGRESS_ENV, PROGRESS_EVERY_ENV, atomic_write_json, format_duration, get_logger, git_commit, load_checkpoint, rng_state, save_checkpoint, set_rng_state, timestamp
 
 # %% auto #0
 __all__ = ['ABSENT', 'FORMAT', 'world_info', 'step_seed', 'data_identity', 'model_settings', 'describe', 'flatten_settings',
-           'settings_diff', 'SettingsMismatch', 'LossHistory', 'progress_target', 'progress_every', 'ProgressLines',
-           'Stateful', 'code_version', 'ResumableLoop', 'checkpoint_state']
+           'settings_diff', 'SettingsMismatch', 'claim_settings', 'LossHistory', 'progress_target', 'progress_every',
+           'ProgressLines', 'Stateful', 'code_version', 'ResumableLoop', 'checkpoint_state']
 
 # %% ../../nbs/08_loop.ipynb #2450230d
 def world_info() -> tuple[int, int]:
@@ -157,6 +157,24 @@ class SettingsMismatch(ValueError):
         rows = '\n'.join(f'  {k}: {_show(a)} in the checkpoint, {_show(b)} now' for k, (a, b) in self.diffs.items())
         super().__init__(f'{path} was written by a run with other settings ({", ".join(self.diffs)}); resuming it '
                          f'would mix two different runs:\n{rows}\n{hint}'.rstrip())
+
+# %% ../../nbs/08_loop.ipynb #eea94695
+def claim_settings(
+    path:str|Path, # the settings file of a folder, e.g. work/bench.json
+    settings:dict, # what makes the folder's contents (made JSON by `describe`: tuples as lists, NumPy values as numbers, paths as str)
+    hint:str='', # what to do when refused, e.g. 'use another folder, or delete this one'
+) -> dict:
+    "The settings as stored: written atomically by the first call; a later call must bring the same, else `SettingsMismatch` names the file, the keys and `hint`."
+    path, new = Path(path), describe(dict(settings), depth=32)
+    if not path.exists(): atomic_write_json(path, new); return new
+    try: old = json.loads(path.read_text())
+    except (OSError, ValueError) as e: raise ValueError(f'{path}: not readable JSON ({e}); delete {path.parent} to start over') from None
+    if not isinstance(old, dict):
+        raise ValueError(f'{path}: holds a JSON {type(old).__name__}, not settings; delete {path.parent} to start over')
+    diffs = settings_diff(old, new)
+    if diffs: raise SettingsMismatch(path, diffs, hint)
+    return new
+
 
 # %% ../../nbs/08_loop.ipynb #8cf73dd2
 def _mean2(a:float, b:float) -> float:

@@ -1,1 +1,1 @@
-"Layer 5: one module per paper. A method never imports another method; nothing in the library imports a method."
+"Layer 5: one module per paper. A method never imports another method; nothing in the library imports a method but the benchmark's registry (`nucbook.bench.benchmark`), through each method's `bench_rows`."

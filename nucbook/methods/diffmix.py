@@ -15,21 +15,25 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage as ndi
 import torch
-from ..core import as_rng, atomic_write
-from ..data.sample import Sample, LabelError, check_sample, source_name
+from ..core import as_rng, atomic_write_json
+from ..data.sample import Sample, LabelError, check_sample, source_name, load_samples, save_samples
 from ..data.crops import crop_sample
 from ..augment.canvas import Augmented, Canvas, jsonable
 from ..augment.mix import GradMix, augment_set
 from ..eval.metrics import evaluate
 from ..engine.diffusion import (label_channels, model_label_channels, to_model_range, to_uint8, ddim_sample,
-                                      start_timestep, guidance_weight, train_diffusion, DiffusionRun)
+                                      start_timestep, guidance_weight, train_diffusion, DiffusionRun, n_classes_of,
+                                      make_noise_scheduler)
+from ..engine.loop import claim_settings, data_identity
+from ..models.sdm import SDMUNet, sdm_config
 from ..engine.infer import predict_sample
 
 # %% auto #0
-__all__ = ['ENLARGE_OUTCOMES', 'DIFFMIX_ROWS', 'DIFFMIX_MIX', 'COMPARATOR', 'DIFFMIX_SCHEDULE', 'DIFFMIX_TABLES', 'label_map',
-           'enlarging_map', 'gradmix_set', 'balancing_maps', 'synthesis_order', 'crop_pairs', 'synthesize',
+__all__ = ['ENLARGE_OUTCOMES', 'DIFFMIX_ROWS', 'DIFFMIX_MIX', 'DIFFMIX_BENCH_ROWS', 'DIFFMIX_BENCH_SHARES',
+           'DIFFMIX_BENCH_PROFILES', 'DIFFMIX_BENCH_FIXED', 'COMPARATOR', 'DIFFMIX_SCHEDULE', 'DIFFMIX_TABLES',
+           'label_map', 'enlarging_map', 'gradmix_set', 'balancing_maps', 'synthesis_order', 'crop_pairs', 'synthesize',
            'iteration_matched_epochs', 'synthetic_counts', 'TrainingSet', 'training_sets', 'SDMTraining', 'train_sdm',
-           'map_fidelity', 'save_samples', 'load_samples', 'cached_samples']
+           'map_fidelity', 'cached_samples', 'one_type', 'bench_side', 'bench_rows']
 
 # %% ../../nbs/13_diffmix.ipynb #7087bfd0
 def label_map(
@@ -337,32 +341,6 @@ def map_fidelity(
         out.update(f1_d=float(p['f1_d']), acc=float(p['acc']), f1_type=float(np.mean(known)) if known else float('nan'), **f1c)
     return out
 
-def save_samples(
-    path:str|Path, # .npz file to (re)write atomically
-    samples:list, # typed or untyped samples
-    settings:dict|None=None, # what made them (JSON-able)
-) -> Path:
-    "Write samples (images, labels, meta) and their settings to one compressed `.npz`."
-    arrays = {'settings': np.array(json.dumps(jsonable(settings or {}), sort_keys=True)), 'n': np.array(len(samples))}
-    for i, s in enumerate(samples):
-        arrays.update({f'{i}_image': s.image, f'{i}_inst_map': s.inst_map, f'{i}_meta': np.array(json.dumps(jsonable(s.meta), default=str))})
-        if s.has_types: arrays.update({f'{i}_type_map': s.type_map, f'{i}_inst_types': np.asarray(s.inst_types, np.int32)})
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, 'wb') as f: np.savez_compressed(f, **arrays)
-    return path
-
-def load_samples(
-    path:str|Path, # a `save_samples` file
-) -> tuple[list, dict]:
-    "(samples, settings) of a `save_samples` file; every sample is checked."
-    with np.load(path) as z:
-        settings = json.loads(str(z['settings'])); out = []
-        for i in range(int(z['n'])):
-            tm, it = (z[f'{i}_type_map'], z[f'{i}_inst_types']) if f'{i}_type_map' in z else (None, None)
-            s = Sample(z[f'{i}_image'], z[f'{i}_inst_map'], tm, it, json.loads(str(z[f'{i}_meta'])))
-            check_sample(s, f'{path} [{i}]'); out.append(s)
-    return out, settings
-
 def cached_samples(
     path:str|Path, # where the samples are kept
     settings:dict, # what makes them: a file written with other settings is made again
@@ -375,6 +353,149 @@ def cached_samples(
         if have == want: return samples, True
     samples = make(); save_samples(path, samples, settings)
     return samples, False
+
+# %% ../../nbs/13_diffmix.ipynb #c1583534
+DIFFMIX_BENCH_ROWS = ('DiffMix-E', 'DiffMix-B', 'DiffMix') # the benchmark's DiffMix rows (its GradMix row is the bench's)
+DIFFMIX_BENCH_SHARES = {'DiffMix-E': {'enlarging': 1.0}, 'DiffMix-B': {'balancing': 1.0},
+                        'DiffMix': {'balancing': 1 / 2, 'enlarging': 1 / 2}} # each row's shares of n (`synthetic_counts`)
+DIFFMIX_BENCH_PROFILES = { # SDM, sampler and map settings per benchmark profile (names as this notebook's PROFILES)
+    'smoke': dict(diff_model='tiny', sdm_overrides=dict(channel_mult=(1, 1, 1), attention_resolutions=(), spade_hidden=8),
+                  diff_steps=10, cfg_steps=5, diff_batch=2, diff_lr=2e-3, cfg_lr=4e-4, diff_patch=32, sample_steps=4,
+                  start_step=1, synth_batch=8, max_side=96, gradmix_margin=12, gradmix_area_ratio=1.0),
+    'full': dict(diff_model='diffmix_consep', sdm_overrides={}, diff_steps=5900, cfg_steps=4100, diff_batch=16, diff_lr=1e-4,
+                 cfg_lr=2e-5, diff_patch=256, sample_steps=100, start_step=54, synth_batch=16, max_side=256, gradmix_margin=30,
+                 gradmix_area_ratio=2.3),
+}
+DIFFMIX_BENCH_FIXED = dict(guidance=1.5, convention='authors', spacing='leading', solver='ddim', max_shift=3, shift_tries=5,
+                           p_uncond=0.2, ema_decay=0.9999) # the paper's settings, in both profiles
+
+
+# %% ../../nbs/13_diffmix.ipynb #f9ca0b0f
+def one_type(
+    samples:list, # samples, typed or not
+) -> list[Sample]:
+    "The samples with every nucleus of type 1 (one class, 'nucleus'): typed label maps of untyped data. Arrays and `meta` are shared."
+    return [Sample(s.image, s.inst_map, (s.inst_map > 0).astype(np.int32), np.ones(s.n_instances, np.int32), s.meta) for s in samples]
+
+def bench_side(
+    train:list, # the training samples
+    cap:int, # c: the largest side wanted (the profile's `max_side`)
+    multiple:int=1, # 2^(L-1): the side is a multiple of this (the SDM's down-sampling)
+    least:int=96, # the smallest side allowed (the bench's smoke crop)
+) -> int:
+    "w: the cap, or the shortest side of the smallest training image if less, rounded down to a multiple; an error under `least`."
+    if not train: raise ValueError('bench_side: no training samples')
+    short = [min(s.shape) for s in train]; j = int(np.argmin(short))
+    w = min(int(cap), short[j]) // multiple * multiple
+    if w < least:
+        raise ValueError(f"bench_side: {source_name(train[j], f'train[{j}]')} is {train[j].shape[1]}x{train[j].shape[0]} (WxH) and the "
+                         f"cap {cap} px: DiffMix's windows would be {w} px, under the {least} px the benchmark's crops need")
+    return w
+
+
+# %% ../../nbs/13_diffmix.ipynb #71df7aad
+def bench_rows(
+    train:list, # the real training Samples of one dataset (typed, `inst_types`, when it has classes; untyped: DiffMix-E only)
+    seed:int, # seed of the SDM training, the maps, the windows and the sampler noise
+    work:str|Path, # this method's folder for this dataset and seed: bench.json, sdm/, generator.json, <kind>.npz
+    n_synthetic:int, # n: the synthesised Samples each row returns (0: none, nothing trained)
+    profile:str='smoke', # 'smoke' (an SDM smaller than this notebook's smoke one, CPU, seconds) or 'full' (the paper profile, GPU)
+    k:int=3, # unused: DiffMix's balancing maps add the rare nuclei GradMix finds room for, not a set number
+    rare:int|None=None, # the rare type of the balancing maps; None (untyped data): DiffMix-B and DiffMix are skipped
+    device:str='cpu', # torch device of the SDM (training and sampling)
+    rows:list|None=None, # only these of `DIFFMIX_BENCH_ROWS` (None: all); the SDM is trained only if one of them runs
+) -> dict:
+    """The benchmark's DiffMix rows: `{row: {'synthetic': [n Samples], 'synthesises': True, 'generator': {...}, 'note': ...}}`,
+    or `{row: {'skip': reason}}`. A second call with the same arguments reads everything back from `work`."""
+    wanted = list(DIFFMIX_BENCH_ROWS) if rows is None else list(rows)
+    unknown = [r for r in wanted if r not in DIFFMIX_BENCH_ROWS]
+    if unknown: raise ValueError(f'unknown rows {unknown}: nucbook.methods.diffmix gives {list(DIFFMIX_BENCH_ROWS)}')
+    if profile not in DIFFMIX_BENCH_PROFILES: raise ValueError(f'profile must be one of {list(DIFFMIX_BENCH_PROFILES)}, got {profile!r}')
+    if isinstance(n_synthetic, bool) or int(n_synthetic) != n_synthetic or n_synthetic < 0:
+        raise ValueError(f'bench_rows: n_synthetic must be a whole number >= 0, got {n_synthetic!r}')
+    train, n, seed = list(train), int(n_synthetic), int(seed)
+    if not train: raise ValueError('bench_rows needs the training Samples (got none)')
+    typed = train[0].has_types
+    for i, s in enumerate(train):
+        check_sample(s, f'train[{i}]')
+        if s.has_types != typed: raise LabelError(f"{source_name(s, f'train[{i}]')} is {'' if s.has_types else 'un'}typed, train[0] is not")
+    balance = typed and rare is not None
+    out = {r: {'skip': f'{r} needs nucleus types and a rare type: its balancing maps are GradMix labels that turn major '
+                       'nuclei into rare ones'} for r in wanted if r != 'DiffMix-E' and not balance}
+    run = [r for r in wanted if r not in out]
+    if not n: out.update({r: {'synthetic': [], 'synthesises': True, 'note': 'n_synthetic is 0: nothing synthesised'} for r in run})
+    if not run or not n: return {r: out[r] for r in wanted}
+    data = train if typed else one_type(train)
+    if balance and not any((np.asarray(s.inst_types) == rare).any() for s in data):
+        raise ValueError(f'bench_rows: the rare type {rare} occurs in none of the {len(data)} training images (types 1..{n_classes_of(data)})')
+    P = {**DIFFMIX_BENCH_PROFILES[profile], **DIFFMIX_BENCH_FIXED}
+    K = n_classes_of(data)
+    cfg = sdm_config(P['diff_model'], label_channels=K + 2, **P['sdm_overrides'])
+    side = bench_side(train, P['max_side'], 2 ** (len(cfg['channel_mult']) - 1))
+    work = Path(work)
+    settings = claim_settings(work/'bench.json', dict(method='diffmix', seed=seed, profile=profile, n_synthetic=n, typed=typed,
+                                                       rare=int(rare) if balance else None, n_classes=K, side=side,
+                                                       data=data_identity(train), **P),
+                              f'{work} holds DiffMix benchmark patches of other settings: use another folder, or delete it.')
+    ns, held = make_noise_scheduler(), {}
+
+    def sdm():
+        "The SDM's EMA weights: trained, resumed or read back under work/sdm (train_sdm); its record in work/generator.json."
+        if 'sdm' not in held:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed); model = SDMUNet(**cfg).to(device)
+            t0, total = time.perf_counter(), P['diff_steps'] + P['cfg_steps']
+            tr = train_sdm(model, data, work/'sdm', P['diff_steps'], P['cfg_steps'], batch_size=P['diff_batch'], lr=P['diff_lr'],
+                           cfg_lr=P['cfg_lr'], p_uncond=P['p_uncond'], ema_decay=P['ema_decay'], seed=seed,
+                           patch_size=min(P['diff_patch'], side), ckpt_every=max(10, total // 20), noise_scheduler=ns,
+                           progress=profile == 'full')
+            if not (work/'generator.json').exists():  # the call that finished the training
+                atomic_write_json(work/'generator.json', jsonable(dict(
+                    name=f"SDMUNet (DiffMix's semantic diffusion model), preset {P['diff_model']}" + (' made smaller' if P['sdm_overrides'] else ''),
+                    config=cfg, n_params=sum(p.numel() for p in model.parameters()), steps=[tr.phase1.step, tr.cfg.step if tr.cfg else 0],
+                    profile=profile, seed=seed, seconds=round(time.perf_counter() - t0, 2), device=str(device),
+                    weights=str(work/'sdm'/('cfg' if tr.cfg else 'phase1')/'model'), typed=typed, n_classes=K,
+                    side=side, sampler={k: P[k] for k in ('solver', 'spacing', 'sample_steps', 'start_step', 'guidance', 'convention')})))
+            held['sdm'] = tr.ema_model().to(device).eval()
+        return held['sdm']
+
+    counts = {r: synthetic_counts(n, {r: DIFFMIX_BENCH_SHARES[r]})[r] for r in run}
+    balancing = (balancing_maps(data, int(rare), seed, margin=P['gradmix_margin'], area_ratio=P['gradmix_area_ratio'])
+                 if balance else None)
+    order = synthesis_order(balancing or data, seed)
+    m = math.ceil(n / len(data)); index = order[:math.ceil(n / m)]
+
+    def make(kind):
+        if kind == 'balancing': maps = balancing
+        else: maps = [enlarging_map(s, P['max_shift'], seed=np.random.default_rng([seed, i]), tries=P['shift_tries'])
+                      if i in set(index) else None for i, s in enumerate(data)]  # only the images used
+        originals, maps = crop_pairs(data, maps, index, side, m, seed)
+        syn = synthesize(sdm(), ns, originals[:n], maps[:n], steps=P['sample_steps'], start_step=P['start_step'], s=P['guidance'],
+                         convention=P['convention'], seed=seed, batch_size=P['synth_batch'], solver=P['solver'], spacing=P['spacing'])
+        return syn if typed else [Sample(p.image, p.inst_map, None, None, p.meta) for p in syn]
+    pools = {kind: cached_samples(work/f'{kind}.npz', {**settings, 'kind': kind}, lambda: make(kind))[0]
+             for kind in sorted({kind for r in run for kind in counts[r]})}
+    if not (work/'generator.json').exists(): sdm()  # patches read back without their record: rebuild it (no training)
+    generator = json.loads((work/'generator.json').read_text())
+    notes = {'DiffMix-E': f"enlarging maps (every nucleus moved by up to {P['max_shift']} px) rendered by the SDM from noised windows of "
+                          'the training images' + ('' if typed else '; untyped data: the SDM is conditioned on one nucleus class'),
+             'DiffMix-B': f"balancing maps (GradMix's labels: rare type {rare} in place of major nuclei) rendered by the SDM from "
+                          'noised windows of the training images',
+             'DiffMix': None}
+    for r in run:
+        nb, ne = counts[r].get('balancing', 0), counts[r].get('enlarging', 0)
+        picked = pools.get('balancing', [])[:nb] + pools.get('enlarging', [])[nb:nb + ne]
+        if len(picked) != n: raise RuntimeError(f'bench_rows: {r} got {len(picked)} patches, not {n} (work folder {work})')
+        samples = []
+        for i, p in enumerate(picked):
+            meta = {**p.meta, 'image_id': f'{r}-seed{seed}-{i:04d}', 'source': p.meta['synthesis']['source_image'], 'method': r}
+            s = Sample(p.image.copy(), p.inst_map.copy(), None if p.type_map is None else p.type_map.copy(),
+                       None if p.inst_types is None else np.asarray(p.inst_types, np.int32).copy(), json.loads(json.dumps(jsonable(meta), default=str)))
+            check_sample(s, f'{r}[{i}]'); samples.append(s)
+        note = notes[r] or f'{nb} balancing and {ne} enlarging patches (as DiffMix-B and DiffMix-E), from different images where n <= N'
+        out[r] = {'synthetic': samples, 'synthesises': True, 'generator': dict(generator), 'note': note}
+    return {r: out[r] for r in wanted}
+
 
 # %% ../../nbs/13_diffmix.ipynb #77a37679
 COMPARATOR = 'HoVer-Net' # the segmenter nucbook trains, and the paper's rows that compare with it (SONNET: other segmenter)

@@ -27,11 +27,12 @@ from ..engine.loop import ResumableLoop, data_identity
 from ..engine.infer import predict_samples
 
 # %% auto #0
-__all__ = ['PHASES', 'GONG_METRICS', 'COMPARATOR', 'SEGMENTER', 'GONG_ROWS', 'GONG_TABLES', 'GONG_DATASET_TABLES',
-           'organ_holdout', 'corner_crops', 'regroup_unseen', 'dihedral', 'training_window', 'PairDataset',
-           'BatchStream', 'as_input', 'as_targets', 'd_loss', 'g_loss', 's_loss', 'g_step', 'd_step', 's_step',
-           'joint_step', 'PhaseRun', 'phase_path', 'encoder_identity', 'adain_decay', 'pretrain_gd', 'pretrain_s',
-           'joint_train', 'synthesize', 'gong_scores', 'score_model']
+__all__ = ['PHASES', 'GONG_METRICS', 'BENCH_ROW', 'BENCH_PROFILES', 'COMPARATOR', 'SEGMENTER', 'GONG_ROWS', 'GONG_TABLES',
+           'GONG_DATASET_TABLES', 'organ_holdout', 'corner_crops', 'regroup_unseen', 'dihedral', 'training_window',
+           'PairDataset', 'BatchStream', 'as_input', 'as_targets', 'd_loss', 'g_loss', 's_loss', 'g_step', 'd_step',
+           's_step', 'joint_step', 'PhaseRun', 'phase_path', 'encoder_identity', 'adain_decay', 'pretrain_gd',
+           'pretrain_s', 'joint_train', 'synthesize', 'gong_scores', 'score_model', 'synth_side', 'kept_rng',
+           'bench_generator', 'bench_rows']
 
 # %% ../../nbs/14_gong.ipynb #6ce35e30
 def organ_holdout(
@@ -561,6 +562,142 @@ def score_model(
     plain = lambda ss: [Sample(s.image, s.inst_map, meta=s.meta) for s in ss]
     table = evaluate(plain(test), plain(preds), extra=('aji_gong', 'object_dice'))
     return gong_scores(table), table
+
+# %% ../../nbs/14_gong.ipynb #8f15fd61
+import json, random
+from contextlib import contextmanager
+from ..core import atomic_write_json
+from ..data.sample import load_samples, save_samples
+from ..augment.canvas import jsonable
+from ..models.adain import ADAIN_PRESETS, AdaINGenerator, ImageDiscriminator, SkipDecoder, VGG19Encoder
+from ..models.hovernet import HoVerNet
+from ..engine.loop import claim_settings
+
+# %% ../../nbs/14_gong.ipynb #dd46732b
+BENCH_ROW = 'Gong et al.' # the benchmark's name of this method's row (issue 19)
+BENCH_PROFILES = { # bench_rows' settings: 'smoke' (CPU, seconds: the notebook's smoke nets, fewer (G, D) steps), 'full' (the paper profile)
+    'smoke': dict(adain_size='tiny', seg_size='tiny', crop=64, gd_steps=20, gd_batch=2, gd_lr=1e-3, s_steps=8, s_batch=2, s_lr=1e-3,
+                  joint_steps=6, joint_batch=1, joint_lr=1e-4, lam=10.0, gamma=0.5, num_workers=0, min_side=96, max_side=None,
+                  synth_batch=8),
+    'full': dict(adain_size='paper', seg_size='paper', crop=256, gd_steps=160_000, gd_batch=8, gd_lr=1e-4, s_steps=3000, s_batch=2,
+                 s_lr=1e-4, joint_steps=10_000, joint_batch=1, joint_lr=1e-5, lam=10.0, gamma=0.5, num_workers=8, min_side=256,
+                 max_side=512, synth_batch=8),
+}
+
+def synth_side(
+    samples:list, # the real training images
+    min_side:int=96, # never smaller (the bench's crop side: 96 px in smoke, 256 in full)
+    max_side:int|None=None, # never larger (None: no cap; the paper's crops: 512)
+) -> int:
+    "Side of the generated images: the shorter side of the smallest training image, capped at `max_side`, at least `min_side`."
+    if not samples: raise ValueError('synth_side: no training samples')
+    side = min(min(s.shape) for s in samples)
+    if max_side: side = min(side, int(max_side))
+    return max(int(min_side), int(side))
+
+@contextmanager
+def kept_rng():
+    "Run a block without changing the caller's global Python, NumPy and torch (CPU) random states."
+    st = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try: yield
+    finally: random.setstate(st[0]); np.random.set_state(st[1]); torch.set_rng_state(st[2])
+
+# %% ../../nbs/14_gong.ipynb #f0d9649a
+def bench_generator(
+    train:list, # the real training Samples
+    work:str|Path, # the phases' folder: work/<phase>/checkpoint.pt, resumed from
+    settings:dict, # a `BENCH_PROFILES` entry
+    seed:int=0, # initial weights of G's decoder, D and S, and the draws of every batch
+    encoder:torch.nn.Module|None=None, # G's fixed encoder (None: the offline random-init VGG-19 of `seed`)
+    device:str='cpu', # where to train
+) -> tuple[torch.nn.Module, dict]:
+    "`(G, record)`: Algorithm 1's three phases (`pretrain_gd`, `pretrain_s`, `joint_train`) under `work`; G after joint training."
+    P, work = settings, Path(work)
+    with kept_rng():
+        torch.manual_seed(seed)
+        enc = encoder if encoder is not None else VGG19Encoder(seed=seed)
+        generator = AdaINGenerator(enc, SkipDecoder(**ADAIN_PRESETS[P['adain_size']]['decoder'])).to(device)
+        disc = ImageDiscriminator(**ADAIN_PRESETS[P['adain_size']]['discriminator']).to(device)
+        seg = HoVerNet(P['seg_size']).to(device)
+        every = lambda n: max(10, n // 20)
+        common = dict(crop=P['crop'], seed=seed, num_workers=P['num_workers'])
+        runs = [pretrain_gd(generator, disc, train, work, P['gd_steps'], P['gd_batch'], lr=P['gd_lr'], lam=P['lam'], gamma=P['gamma'],
+                            ckpt_every=every(P['gd_steps']), **common),
+                pretrain_s(seg, train, work, P['s_steps'], P['s_batch'], lr=P['s_lr'], ckpt_every=every(P['s_steps']), **common),
+                joint_train(generator, disc, seg, train, work, P['joint_steps'], P['joint_batch'], lr=P['joint_lr'], lam=P['lam'],
+                            gamma=P['gamma'], ckpt_every=every(P['joint_steps']), **common)]
+    rec_path = work/'generator.json'
+    old = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    n_params = lambda m: int(sum(t.numel() for t in m.parameters()))
+    rec = dict(phases={r.phase: dict(steps=r.steps, step=r.step, checkpoint=f'{r.phase}/checkpoint.pt',
+                                     seconds=round(old.get('phases', {}).get(r.phase, {}).get('seconds', 0.0)
+                                                   + (r.seconds if r.resumed_from < r.steps else 0.0), 2)) for r in runs},
+               n_params=dict(decoder=n_params(generator.decoder), discriminator=n_params(disc), segmenter=n_params(seg),
+                             encoder_fixed=n_params(generator.encoder)))
+    rec['seconds'] = round(sum(p['seconds'] for p in rec['phases'].values()), 2)
+    atomic_write_json(rec_path, rec)
+    return generator.eval(), {**rec, 'seconds_this_call': round(sum(r.seconds for r in runs), 2)}
+
+def bench_rows(
+    train:list, # the real training Samples of one dataset (typed or untyped: both work)
+    seed:int, # initial weights and every draw of the three phases and of the synthesis
+    work:str|Path, # this method's folder for this dataset and seed: the phases' checkpoints and the synthetic sets
+    n_synthetic:int, # how many generated Samples the row returns
+    profile:str='smoke', # 'smoke' (CPU, tiny nets, seconds) or 'full' (the paper profile: GPU, hours); see `BENCH_PROFILES`
+    k:int=3, # unused: this method has no rare-class row
+    rare:int|None=None, # unused: the row works typed and untyped alike
+    device:str='cpu', # torch device of training and synthesis
+    rows:list|None=None, # only these rows (None or [BENCH_ROW]: the one row; []: nothing)
+    vgg_weights:str|Path|None=None, # G's VGG-19 encoder file (None: the offline random-init VGG-19 of `seed`, labelled so)
+) -> dict:
+    """The benchmark's row of Gong et al. (issue 19): {'Gong et al.': {'synthetic': n_synthetic Samples G(x1, x2) with the
+    labels M(x1), ...}} (types carried when `train` is typed), G trained by Algorithm 1's three phases under `work`."""
+    wanted = [BENCH_ROW] if rows is None else list(rows)
+    unknown = [r for r in wanted if r != BENCH_ROW]
+    if unknown: raise ValueError(f'bench_rows (Gong et al.): unknown rows {unknown}; this method has the row {BENCH_ROW!r}')
+    if not wanted: return {}
+    if profile not in BENCH_PROFILES: raise ValueError(f'bench_rows (Gong et al.): profile must be one of {list(BENCH_PROFILES)}, got {profile!r}')
+    if isinstance(n_synthetic, bool) or int(n_synthetic) != n_synthetic or n_synthetic < 0:
+        raise ValueError(f'bench_rows (Gong et al.): n_synthetic must be a whole number >= 0, got {n_synthetic!r}')
+    train, n_synthetic, work, P = list(train), int(n_synthetic), Path(work), BENCH_PROFILES[profile]
+    if not train: raise ValueError('bench_rows (Gong et al.): no training samples')
+    for i, s in enumerate(train): check_sample(s, f'train[{i}]')
+    if len({s.has_types for s in train}) > 1: raise ValueError('bench_rows (Gong et al.): train mixes typed and untyped samples')
+    side = synth_side(train, P['min_side'], P['max_side'])
+    with kept_rng(): encoder = VGG19Encoder(weights=vgg_weights, seed=seed)  # (its layers' default init draws)
+    enc = {**encoder_identity(encoder), 'weights': str(vgg_weights) if vgg_weights else 'random-init'}
+    claim_settings(work/'bench_settings.json', dict(
+        method='gong', row=BENCH_ROW, profile=profile, **P, seed=int(seed), encoder=enc, data=data_identity(train),
+        typed=bool(train[0].has_types), presynth=PreSynthConfig().config(), side=side),
+        f'{work} holds the Gong et al. generator of other settings: give another folder, or delete this one to start over.')
+    set_path = work/f'synthetic_n{n_synthetic}.npz'
+    set_settings = dict(n=n_synthetic, side=side, seed=int(seed), row=BENCH_ROW)
+    t0 = time.time()
+    have = load_samples(set_path) if set_path.exists() else None
+    if have is not None and have[1] == set_settings:
+        out, cached = have[0], True
+        gen_rec = {**json.loads((work/'generator.json').read_text()), 'seconds_this_call': 0.0}
+    else:
+        generator, gen_rec = bench_generator(train, work, P, seed, encoder, device)
+        info = {'phase': 'joint', 'step': gen_rec['phases']['joint']['step'], 'checkpoint': 'joint/checkpoint.pt'}
+        out = []
+        for i, s in enumerate(synthesize(generator, train, n_synthetic, seed=seed, crop=side, batch_size=P['synth_batch'], generator_info=info)):
+            sy = s.meta['synthesis']
+            meta = jsonable({'image_id': f'{BENCH_ROW}-seed{seed}-{i:04d}', 'source': [sy['x1'], sy['x2']], 'method': BENCH_ROW,
+                             'parent': sy['x1'], 'synthesis': sy})
+            it = None if s.inst_types is None else np.asarray(s.inst_types, np.int32)
+            out.append(Sample(s.image, s.inst_map.astype(np.int32), None if it is None else s.type_map.astype(np.int32), it, meta))
+        save_samples(set_path, out, set_settings)
+        out, cached = load_samples(set_path)[0], False  # what a second call reads back, exactly
+    p = gen_rec['phases']
+    generator = dict(name="Gong et al.'s G: pre-synthesis + AdaIN (VGG-19 encoder, skip decoder) after Algorithm 1's joint training",
+                     profile=profile, adain_size=P['adain_size'], encoder=enc, weights=enc['weights'],
+                     phases_run=list(p), steps={k_: v['steps'] for k_, v in p.items()}, n_params=gen_rec['n_params']['decoder'],
+                     n_params_all=gen_rec['n_params'], seconds=gen_rec['seconds'], seconds_this_call=round(time.time() - t0, 2),
+                     side=side, read_back=cached, folder=str(work))
+    note = (f"G after all three phases of Algorithm 1 ({P['gd_steps']:,} + {P['s_steps']:,} + {P['joint_steps']:,} steps); encoder: "
+            f"{enc['name']}" + ('; smoke nets and steps: the images show the plumbing, not the paper' if profile == 'smoke' else ''))
+    return {BENCH_ROW: {'synthetic': out, 'generator': generator, 'synthesises': True, 'note': note}}
 
 # %% ../../nbs/14_gong.ipynb #20c80402
 COMPARATOR = 'Mask R-CNN (ResNet-50 FPN + semantic branch)' # the segmenter of the paper's numbers (the paper's S); never nucbook's HoVer-Net

@@ -8,6 +8,7 @@ Docs: https://nucbook.github.io/nucbook/insmix.html.md"""
 # %% ../../nbs/11_insmix.ipynb #6355a3c7
 from __future__ import annotations
 import io, json, time
+from functools import partial
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
@@ -16,20 +17,22 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from ..core import as_rng, atomic_write, get_device
+from ..core import as_rng, atomic_write, atomic_write_json, get_device
 from ..data.sample import Sample
 from ..augment.canvas import Augmented, Canvas, InstanceBank, check_typing
 from ..augment.mix import Augmentation
 from ..core import load_checkpoint
 from ..engine.loop import ResumableLoop, Stateful, step_seed
+from ..engine.loop import claim_settings, data_identity
 from ..data.crops import random_crop
 
 # %% auto #0
-__all__ = ['SSD_DEFAULTS', 'INSMIX_SCHEDULE', 'INSMIX_KUMAR', 'INSMIX_CPS', 'INSMIX_CPS_FOLDS', 'INSMIX_TABLES', 'COMPARATOR',
-           'f_scale', 'f_shape', 'f_dis', 'ssd_satisfied', 'ssd_copy_paste', 'pasted_mask', 'background_perturbation',
-           'GatedConv2d', 'composite', 'foreground_similarity', 'init_gated', 'SmoothGenerator', 'PatchDiscriminator',
-           'l1_distance', 'triplet_loss_D', 'adversarial_loss_G', 'generator_loss', 'to_tensor_image', 'to_uint8_image',
-           'gan_batch', 'load_generator', 'train_smooth_gan', 'smooth', 'InsMix']
+__all__ = ['SSD_DEFAULTS', 'BENCH_ROWS', 'BENCH_GAN', 'BENCH_INSMIX', 'INSMIX_SCHEDULE', 'INSMIX_KUMAR', 'INSMIX_CPS',
+           'INSMIX_CPS_FOLDS', 'INSMIX_TABLES', 'COMPARATOR', 'f_scale', 'f_shape', 'f_dis', 'ssd_satisfied',
+           'ssd_copy_paste', 'pasted_mask', 'background_perturbation', 'GatedConv2d', 'composite',
+           'foreground_similarity', 'init_gated', 'SmoothGenerator', 'PatchDiscriminator', 'l1_distance',
+           'triplet_loss_D', 'adversarial_loss_G', 'generator_loss', 'to_tensor_image', 'to_uint8_image', 'gan_batch',
+           'load_generator', 'train_smooth_gan', 'smooth', 'InsMix', 'insmix_from_checkpoint', 'bench_rows']
 
 # %% ../../nbs/11_insmix.ipynb #9bd11ab0
 SSD_DEFAULTS = dict(epsilon=2.0, rho=0.8, delta=0.0, gamma=40 * 2 ** 0.5)  # the authors' code (see above)
@@ -530,6 +533,69 @@ class InsMix(Augmentation):
     def pasted(rec:dict) -> list:
         "The pasted-template entries of an InsMix record."
         return [p for s in rec.get('steps', []) if s.get('op') == 'ssd_copy_paste' for p in s['pasted']]
+
+# %% ../../nbs/11_insmix.ipynb #f936c774
+BENCH_ROWS = ('InsMix',) # this module's benchmark row: the paper's full method '+SSD+BgP+s-GAN'
+BENCH_GAN = {  # smooth-GAN settings of the 'InsMix' row per benchmark profile (this notebook's 'smoke' and 'paper' PROFILES)
+    'smoke': dict(steps=6, batch_size=2, crop=64, cnum=8, ndf=8),
+    'full': dict(steps=20000, batch_size=4, crop=256, cnum=48, ndf=64),
+}
+BENCH_INSMIX = dict(paste='ssd', bgp=True) # the row's InsMix settings besides the bank and the generator (the rest: defaults)
+
+def insmix_from_checkpoint(
+    bank:InstanceBank, # templates: the training set's nuclei
+    ckpt_path:str|Path, # smooth-GAN checkpoint written by `train_smooth_gan`
+    device:str='cpu', # where the generator runs
+    **kw, # other `InsMix` settings (default: `BENCH_INSMIX`, the full method)
+) -> InsMix:
+    "An `InsMix` with the generator of `ckpt_path` (by default the full method, +SSD+BgP+s-GAN)."
+    return InsMix(bank, generator=load_generator(ckpt_path, device), **{**BENCH_INSMIX, **kw})
+
+def bench_rows(
+    train:list, # the real training Samples of one dataset (typed or untyped)
+    seed:int, # seed of the smooth-GAN training (its weights and every batch)
+    work:str|Path, # this method's folder for this dataset and seed: the smooth-GAN checkpoint and its record
+    n_synthetic:int, # unused: the row is online (the bench's augmented share sets its budget), it writes no fixed set
+    profile:str='smoke', # 'smoke' (tiny GAN, CPU, seconds) or 'full' (the paper profile's GAN)
+    k:int=3, # unused: InsMix inserts no rare nuclei
+    rare:int|None=None, # unused: the row works with and without types
+    device:str='cpu', # torch device of the smooth-GAN (training, and smoothing in the augmentation)
+    rows:list|None=None, # only these rows (None: all, i.e. ['InsMix']); [] trains nothing
+) -> dict:
+    """The benchmark's rows of InsMix: `{'InsMix': {'augmentation': factory, 'synthesises': True, 'generator': {...},
+    'note': ...}}`. The factory takes no argument and builds the full InsMix (+SSD+BgP+s-GAN) with the smooth-GAN
+    trained (or read back) under `work`; `n_synthetic`, `k` and `rare` are unused by this online row."""
+    wanted = list(BENCH_ROWS) if rows is None else list(rows)
+    unknown = [r for r in wanted if r not in BENCH_ROWS]
+    if unknown: raise ValueError(f'unknown rows {unknown}: nucbook.methods.insmix gives {list(BENCH_ROWS)}')
+    if profile not in BENCH_GAN: raise ValueError(f'profile must be one of {list(BENCH_GAN)}, got {profile!r}')
+    if 'InsMix' not in wanted: return {}
+    train = list(train)
+    if not train: raise ValueError('bench_rows needs the training Samples (got none)')
+    gan, work = BENCH_GAN[profile], Path(work)
+    bank = InstanceBank.from_samples(train)
+    if not len(bank): raise ValueError(f'the {len(train)} training images hold no nucleus away from the border: InsMix has nothing to paste')
+    work.mkdir(parents=True, exist_ok=True)
+    claim_settings(work/'bench.json', dict(row='InsMix', seed=int(seed), profile=profile, gan=gan, data=data_identity(train),
+                                           bank=dict(n=len(bank), typed=bank.typed, areas=int(bank.areas.sum())),
+                                           insmix={**BENCH_INSMIX, **SSD_DEFAULTS}),
+                   f'{work} holds the InsMix row of other settings: use another folder, or delete it.')
+    ckpt, rec_path = work/'smooth_gan.pt', work/'generator.json'
+    if rec_path.exists() and ckpt.exists(): generator = json.loads(rec_path.read_text())
+    else:  # first call, or a resumed one after a crash (train_smooth_gan continues from its last checkpoint)
+        t0 = time.perf_counter()
+        G, D, hist = train_smooth_gan(train, gan['steps'], bank=bank, ckpt_path=ckpt, ckpt_every=max(1, gan['steps'] // 20),
+                                      cnum=gan['cnum'], ndf=gan['ndf'], batch_size=gan['batch_size'], crop=gan['crop'],
+                                      seed=int(seed), device=device, progress=profile == 'full')
+        generator = dict(name='smooth-GAN generator (gated-conv auto-encoder with FSE)', profile=profile, seed=int(seed),
+                         n_params=int(sum(p.numel() for p in G.parameters())),
+                         discriminator_params=int(sum(p.numel() for p in D.parameters())), **gan,
+                         seconds=round(time.perf_counter() - t0, 2), device=str(device))
+        atomic_write_json(rec_path, generator)
+    return {'InsMix': {'augmentation': partial(insmix_from_checkpoint, bank, ckpt, device), 'synthesises': True,
+                       'generator': {**generator, 'weights': str(ckpt)},
+                       'note': "the paper's full method '+SSD+BgP+s-GAN', applied online to the training crops"}}
+
 
 # %% ../../nbs/11_insmix.ipynb #557b4742
 INSMIX_SCHEDULE = dict(epochs=300, lr=1e-3, weight_decay=1e-4, T_0=50, T_mult=1, eta_min=0.0) # Sec. 3, `TrainConfig` fields

@@ -7,7 +7,8 @@ Docs: https://nucbook.github.io/nucbook/nucleimix.html.md"""
 
 # %% ../../nbs/12_nucleimix.ipynb #b47b7afe
 from __future__ import annotations
-import math, time, warnings
+import json, math, time, warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
@@ -18,21 +19,24 @@ from skimage.feature import graycomatrix, graycoprops
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 import torch
-from ..core import as_rng, get_device
-from ..data.sample import Sample, LabelError, check_sample, source_name, instance_centroids
+from ..core import as_rng, get_device, atomic_write_json
+from ..data.sample import Sample, LabelError, check_sample, source_name, instance_centroids, load_samples, save_samples
 from ..augment.canvas import Canvas
 from ..models.ctranspath import load_ctranspath, ctranspath_input
-from ..engine.diffusion import to_model_range, to_uint8
+from ..models.adm import ADMUNet, adm_config
+from ..engine.diffusion import to_model_range, to_uint8, train_diffusion, make_noise_scheduler
+from ..engine.loop import claim_settings, data_identity
 from ..engine.inpaint import mcg_inpaint
 
 # %% auto #0
 __all__ = ['RARE', 'MAJOR', 'BACKGROUND', 'KINDS', 'CONTEXT_FILLS', 'CROSS', 'GLCM_PROPS', 'OFFLINE_SPREAD', 'INPAINT_MODES',
-           'REJECT_REASONS', 'COMPARATOR', 'NUCLEIMIX_SCHEDULE', 'NUCLEIMIX_WARM_START', 'NUCLEIMIX_ROWS',
-           'NUCLEIMIX_CONSEP_SEG', 'NUCLEIMIX_CONSEP_CLS', 'NUCLEIMIX_TABLE1', 'NUCLEIMIX_TABLES', 'Location',
-           'nucleus_geometry', 'candidate_locations', 'dilate', 'context_patch', 'glcm_features', 'OfflineFeatures',
-           'CTransPathFeatures', 'EncoderFeatures', 'ContextModel', 'fit_context_model', 'candidate_probabilities',
-           'rare_probabilities', 'ellipse_angle', 'axial_difference', 'adjust_geometry', 'insertion_masks', 'Insertion',
-           'insert_nucleus', 'progressive_inpaint', 'NucleiMixResult', 'NucleiMix', 'insertion_counts']
+           'REJECT_REASONS', 'NUCLEIMIX_BENCH_ROWS', 'NUCLEIMIX_BENCH_PROFILES', 'COMPARATOR', 'NUCLEIMIX_SCHEDULE',
+           'NUCLEIMIX_WARM_START', 'NUCLEIMIX_ROWS', 'NUCLEIMIX_CONSEP_SEG', 'NUCLEIMIX_CONSEP_CLS', 'NUCLEIMIX_TABLE1',
+           'NUCLEIMIX_TABLES', 'Location', 'nucleus_geometry', 'candidate_locations', 'dilate', 'context_patch',
+           'glcm_features', 'OfflineFeatures', 'CTransPathFeatures', 'EncoderFeatures', 'ContextModel',
+           'fit_context_model', 'candidate_probabilities', 'rare_probabilities', 'ellipse_angle', 'axial_difference',
+           'adjust_geometry', 'insertion_masks', 'Insertion', 'insert_nucleus', 'progressive_inpaint',
+           'NucleiMixResult', 'NucleiMix', 'insertion_counts', 'pack_insertions', 'unpack_insertions', 'bench_rows']
 
 # %% ../../nbs/12_nucleimix.ipynb #37a7321d
 RARE, MAJOR, BACKGROUND = 'rare', 'major', 'background'
@@ -781,6 +785,139 @@ def insertion_counts(
     rows = [{'type': t, 'name': (class_names or {}).get(t, str(t)), 'before': int(b[t]), 'after': int(a[t]), 'change': int(a[t] - b[t])}
             for t in range(1, n) if a[t] or b[t]]
     return pd.DataFrame(rows, columns=['type', 'name', 'before', 'after', 'change']).set_index('type')
+
+# %% ../../nbs/12_nucleimix.ipynb #22a282da
+NUCLEIMIX_BENCH_ROWS = ('NucleiMix',) # the benchmark's row names of this method
+NUCLEIMIX_BENCH_PROFILES = {
+    # the notebook's 'smoke' profile: offline features, the tiny ADM trained 20 steps, 4 MCG steps on 48 px windows
+    # (96 px windows on real data: 40x nuclei with the erased major outgrow 48 px; an insertion wider than the window is
+    # refused by `progressive_inpaint`, naming its size: MoNuSAC's largest need the notebook's 160 px, which made one CPU
+    # training step of the tiny ADM take 22 s, against 1-2 s at 96 px)
+    'smoke': dict(extractor='offline', exclusion=2.0, diff_model='tiny', diff_steps=20, diff_batch=2, inpaint_tile=48,
+                  inpaint_tile_real=96, inpaint_steps=4, sampler='ddpm'),
+    # the notebook's 'paper' profile: CTransPath features, guided-diffusion's 256 x 256 ADM trained 300k steps, 250 MCG steps
+    'full': dict(extractor='ctranspath', exclusion=5.0, diff_model='256_uncond', diff_steps=300_000, diff_batch=8,
+                 inpaint_tile=256, inpaint_tile_real=256, inpaint_steps=250, sampler='ddpm'),
+}
+
+# %% ../../nbs/12_nucleimix.ipynb #d91d7dbc
+_MASKS = ('nucleus', 'keep', 'erase', 'ring') # the mask fields of an `Insertion`
+
+def pack_insertions(
+    insertions:list, # `Insertion`s
+) -> tuple[list, dict]:
+    "`(heads, masks)`: each insertion's other fields (JSON-able) and its masks as named arrays (`e<n>_<mask>`), for `save_samples`."
+    heads = [{k: v for k, v in vars(e).items() if k not in _MASKS} for e in insertions]
+    return heads, {f'e{n}_{m}': getattr(e, m) for n, e in enumerate(insertions) for m in _MASKS}
+
+def unpack_insertions(
+    heads:list, # the heads of `pack_insertions`, as read back
+    masks:dict, # its masks, as read back (`load_samples(..., extra=True)`)
+) -> list[Insertion]:
+    "The `Insertion`s that `pack_insertions` packed."
+    return [Insertion(**{**d, 'centre': tuple(d['centre'])}, **{m: masks[f'e{n}_{m}'] for m in _MASKS}) for n, d in enumerate(heads)]
+
+
+# %% ../../nbs/12_nucleimix.ipynb #f479a285
+def bench_rows(
+    train:list, # the real training Samples of one dataset (typed, for this row)
+    seed:int, # seed of the background points, the draws, the ADM's initialisation and training, and the inpainting
+    work:str|Path, # this method's folder for this dataset and seed (settings, plan, diffusion checkpoint, inpainted images)
+    n_synthetic:int, # unused: NucleiMix changes the training set (kind 'train'), it adds no images
+    profile:str='smoke', # 'smoke' (the notebook's smoke settings) or 'full' (its paper settings): `NUCLEIMIX_BENCH_PROFILES`
+    k:int=3, # rare nuclei inserted over the whole training set
+    rare:int|list|None=None, # the rare type id(s); None (untyped data): the row is skipped
+    device:str='cpu', # torch device of the context features, the ADM's training and the inpainting
+    rows:list|None=None, # only these rows (None: all, i.e. ['NucleiMix'])
+    major:list|None=None, # major types, the nuclei that may be replaced (None: every other type in `train`)
+    ctranspath_weights:str|Path|None=None, # 'full': CTransPath weights, the paper's features (None: offline features, labelled)
+    diff_init:str|Path|None=None, # guided-diffusion checkpoint the ADM starts from (None: random initialisation, labelled)
+) -> dict:
+    "The benchmark's row: `{'NucleiMix': {'train', 'inserted', 'synthesises', 'generator', 'note'}}`, or `{'NucleiMix': {'skip': ...}}`."
+    rows = list(NUCLEIMIX_BENCH_ROWS if rows is None else rows)
+    bad = [r for r in rows if r not in NUCLEIMIX_BENCH_ROWS]
+    if bad: raise ValueError(f'bench_rows: unknown rows {bad}; NucleiMix has {list(NUCLEIMIX_BENCH_ROWS)}')
+    if profile not in NUCLEIMIX_BENCH_PROFILES:
+        raise ValueError(f'bench_rows: unknown profile {profile!r}; choose one of {list(NUCLEIMIX_BENCH_PROFILES)}')
+    if int(k) != k or k < 0: raise ValueError(f'bench_rows: k must be a whole number >= 0, got {k!r}')
+    if not rows: return {}
+    row, train = rows[0], list(train)
+    if not train: raise ValueError('bench_rows: no training samples')
+    for i, s in enumerate(train): check_sample(s, f'train[{i}]')
+    if rare is None or train[0].inst_types is None:
+        return {row: {'skip': 'NucleiMix inserts nuclei of a rare type: it needs typed data and the rare type id.'}}
+    if any(s.inst_types is None for s in train): raise LabelError('bench_rows: some training samples are typed, others are not')
+    rare_t = [int(v) for v in np.atleast_1d(rare)]
+    types = np.concatenate([s.inst_types for s in train]).astype(np.int64)
+    major_t = sorted(set(types.tolist()) - set(rare_t)) if major is None else [int(v) for v in np.atleast_1d(major)]
+    n_rare = int(np.isin(types, rare_t).sum())
+    if n_rare < 2: return {row: {'skip': f'{n_rare} nuclei of the rare types {rare_t} in the training set; NucleiMix needs at least 2.'}}
+    if not major_t: return {row: {'skip': f'no nucleus type besides the rare types {rare_t}: no major nucleus to replace.'}}
+    P = NUCLEIMIX_BENCH_PROFILES[profile]
+    tile = P['inpaint_tile'] if all(s.meta.get('dataset') == 'synthetic' for s in train) else P['inpaint_tile_real']
+    ext = 'ctranspath' if P['extractor'] == 'ctranspath' and ctranspath_weights else 'offline'
+    ext_label = (f'CTransPath + 4 GLCM properties ({ctranspath_weights})' if ext == 'ctranspath' else
+                 'offline: 16 colour and GLCM statistics, no weights' + ('' if P['extractor'] == 'offline' else
+                 " (the default; the paper's CTransPath needs ctranspath_weights)"))
+    nm = NucleiMix(rare_t, major_t, exclusion=P['exclusion'])
+    work = Path(work); work.mkdir(parents=True, exist_ok=True)
+    claim_settings(work/'bench.json', dict(
+        row=row, profile=profile, seed=int(seed), k=int(k), data=data_identity(train),
+        nucleimix={**nm.config(), 'extractor': ext}, ctranspath_weights=str(ctranspath_weights) if ext == 'ctranspath' else None,
+        diff_init=str(diff_init) if diff_init else None, inpaint_tile=tile,
+        **{key: v for key, v in P.items() if not key.startswith('inpaint_tile') and key != 'extractor'}),
+        f'{work} holds NucleiMix rows made with other settings: use another folder for these settings, or delete it')
+    plan_path, inpainted, done = work/'plan.npz', work/'inpainted', work/'generator.json'
+    if not done.exists():
+        if plan_path.exists():
+            kept, plan, masks = load_samples(plan_path, extra=True)
+            changed, ins, report = dict(zip(plan['index'], kept)), unpack_insertions(plan['insertions'], masks), plan['report']
+        else:  # phase 1 (locations, context model) and phase 2 (Algorithm 1's draws); holes Telea-filled until inpainted
+            t0 = time.perf_counter()
+            nm.extractor = CTransPathFeatures(ctranspath_weights, device=device) if ext == 'ctranspath' else OfflineFeatures()
+            res = nm.fit(train, seed=seed).augment(train, k, seed=seed)
+            changed, ins = {j: a.sample for j, a in res.augmented.items()}, res.insertions
+            report = {**{key: v for key, v in res.report.items() if key != 'inpaint_seconds'},  # nothing inpainted yet
+                      'context_p': nm.context_.p, 'plan_seconds': round(time.perf_counter() - t0, 3)}
+            heads, masks = pack_insertions(ins)
+            save_samples(plan_path, list(changed.values()), dict(index=list(changed), insertions=heads, report=report), extra=masks)
+        gen = dict(name=f"NucleiMix: ADM {P['diff_model']} (progressive MCG inpainting) and a context model on {ext} features",
+                   n_params=0, steps=0, profile=profile, seconds=report['plan_seconds'], weights='none (nothing to inpaint)',
+                   extractor=ext_label, context_model=dict(p=report['context_p'], covariance=nm.covariance), inpaint_tile=tile,
+                   inpaint_steps=P['inpaint_steps'], sampler=P['sampler'])
+        if changed:  # the inpainting model, trained on the real training images (resumable)
+            cfg = adm_config(P['diff_model'], **({'image_size': tile} if P['diff_model'] == 'tiny' else {}))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed); adm = ADMUNet(**cfg)
+            adm, ns, t0 = adm.to(device), make_noise_scheduler(), time.perf_counter()
+            drun = train_diffusion(adm, train, work/'diffusion', steps=P['diff_steps'], batch_size=P['diff_batch'], patch_size=tile,
+                                   lr=1e-4, seed=seed, ckpt_every=max(10, P['diff_steps'] // 20), noise_scheduler=ns, init_from=diff_init)
+            model, t1 = drun.ema_model().to(device), time.perf_counter()
+            gen.update(n_params=sum(p.numel() for p in adm.parameters()), steps=drun.step, resumed_from=drun.resumed_from,
+                       weights=f'from {diff_init}' if diff_init else 'random-init', diffusion_seconds=round(t1 - t0, 3))
+            for j in sorted(changed):  # progressive inpainting, image by image (resumable)
+                path = inpainted/f'{j:05d}.npz'
+                if path.exists(): continue
+                t2, s, ins_j = time.perf_counter(), changed[j], [e for e in ins if e.image == j]
+                img = progressive_inpaint(s.image, ins_j, model, ns, steps=P['inpaint_steps'], seed=_image_seed(seed, j), tile=tile,
+                                          sampler=P['sampler'])[0]
+                ids = list(dict.fromkeys([s.meta.get('image_id')] + [e.record['source_image_id'] for e in ins_j]))
+                meta = {**s.meta, 'image_id': f'{row}-seed{seed}-{j:04d}', 'source': ids, 'method': row}
+                save_samples(path, [Sample(img, s.inst_map, s.type_map, s.inst_types, meta)],
+                             {'index': j, 'seconds': round(time.perf_counter() - t2, 3)})
+            gen['inpaint_seconds'] = round(sum(load_samples(inpainted/f'{j:05d}.npz')[1]['seconds'] for j in changed), 3)
+            gen['seconds'] = round(gen['seconds'] + gen['diffusion_seconds'] + gen['inpaint_seconds'], 3)
+        inserted = sorted((e.image, e.record['id']) for e in ins if e.record.get('id') is not None)
+        atomic_write_json(done, dict(generator=gen, report=report, changed=sorted(changed), inserted=inserted))
+    g = json.loads(done.read_text())
+    out = list(train)
+    for j in g['changed']: out[j] = load_samples(inpainted/f'{j:05d}.npz')[0][0]
+    r = g['report']
+    note = (f"{r['inserted']} of k = {r['k']} rare nuclei inserted over {len(train)} images ({r['replaced']} replacing a major "
+            f"nucleus, {r['pasted']} on background)" + (', then the candidates ran out' if r['exhausted'] else '') +
+            f"; context features: {g['generator']['extractor']}.")
+    return {row: {'train': out, 'inserted': [tuple(p) for p in g['inserted']], 'synthesises': True, 'generator': g['generator'],
+                  'note': note}}
 
 # %% ../../nbs/12_nucleimix.ipynb #c4c177f9
 COMPARATOR = 'HoVer-Net' # the segmenter nucbook trains; the paper's are SONNET and PointNu (never comparable columns)

@@ -26,10 +26,11 @@ from ..engine.autoencoder import cells_identity
 from ..engine.loop import SettingsMismatch, settings_diff
 
 # %% auto #0
-__all__ = ['SEARCH_FORMAT', 'BACKGROUNDS', 'COMPARATOR', 'SEMANTIC_PAPER', 'SEMANTIC_ROWS', 'SEMANTIC_TABLES', 'is_dark_field',
-           'as_policy', 'policy_name', 'SearchResult', 'greedy_search', 'rank_probabilities', 'draw_policy',
-           'weights_digest', 'wae_scorer', 'CountDistribution', 'count_distribution', 'noise_background', 'compose',
-           'generate', 'draw_cells']
+__all__ = ['SEARCH_FORMAT', 'BACKGROUNDS', 'SEMANTIC_BENCH_ROW', 'BENCH_FORMAT', 'BENCH_CROP', 'BENCH_PROFILES', 'COMPARATOR',
+           'SEMANTIC_PAPER', 'SEMANTIC_ROWS', 'SEMANTIC_TABLES', 'is_dark_field', 'as_policy', 'policy_name',
+           'SearchResult', 'greedy_search', 'rank_probabilities', 'draw_policy', 'weights_digest', 'wae_scorer',
+           'CountDistribution', 'count_distribution', 'noise_background', 'compose', 'generate', 'draw_cells',
+           'bench_profile', 'bench_side', 'SemanticGenerator', 'bench_generator', 'bench_rows']
 
 # %% ../../nbs/15_semantic.ipynb #71ab878e
 def is_dark_field(
@@ -399,6 +400,159 @@ def draw_cells(
         policy = draw_policy(ranked, rng, top, alpha)
         out.append(apply_policy(cells[int(rng.integers(len(cells)))], policy, rng=rng, refused='skip'))
     return out
+
+# %% ../../nbs/15_semantic.ipynb #56fa6148
+import time
+from ..core import rng_state, set_rng_state
+from ..data.sample import check_sample, load_samples, save_samples
+from ..augment.canvas import jsonable
+from ..augment.cells import MAGNITUDES, OPERATIONS, collections, op_value
+from ..models.wae import WAE, wae_config
+from ..engine.autoencoder import train_wae
+from ..engine.loop import claim_settings, data_identity
+
+# %% ../../nbs/15_semantic.ipynb #7f6b3d2f
+SEMANTIC_BENCH_ROW = 'Semantic-aware' # the benchmark's name of this method's row (issue 19)
+BENCH_FORMAT = 'nucbook.methods.semantic.bench/1' # the layout of `work/bench.json` and of a kept generated set
+BENCH_CROP = {'smoke': 96, 'full': 256} # c: the bench's crop side per profile; generated images are never smaller
+BENCH_PROFILES = { # what `bench_rows` trains and generates with: the notebook's smoke profile (a shorter search) and its paper profile
+    'smoke': dict(min_area=10, noise_size=24, n_noise=40, wae='tiny', wae_steps=150, wae_batch=16, wae_lam=10.0, n_cells=16,
+                  keep=1, max_depth=3, max_policies=400, top=50, alpha=2.0, size=128),
+    'full': dict(min_area=10, noise_size=32, n_noise=200, wae='paper', wae_steps=10_000, wae_batch=100, wae_lam=500.0, n_cells=64,
+                 keep=10, max_depth=20, max_policies=20_000, top=1000, alpha=2.0, size=256),
+}
+
+def bench_profile(
+    profile:str, # 'smoke' or 'full'
+) -> dict:
+    "A copy of the `BENCH_PROFILES` settings of `profile`; an unknown name is refused."
+    if profile not in BENCH_PROFILES: raise ValueError(f'bench_rows: profile must be one of {sorted(BENCH_PROFILES)}, got {profile!r}')
+    return dict(BENCH_PROFILES[profile])
+
+def bench_side(
+    train:list, # the training Samples
+    profile:str='smoke', # 'smoke' or 'full'
+) -> int:
+    "s = max(c, min(S, the smallest side of the training images)): the side of the generated images."
+    S, c = bench_profile(profile)['size'], BENCH_CROP[profile]
+    if not len(train): raise ValueError('bench_side: no training images')
+    return int(max(c, min(S, min(min(s.shape) for s in train))))
+
+# %% ../../nbs/15_semantic.ipynb #e46f555a
+@dataclass
+class SemanticGenerator:
+    "What `bench_generator` trained or read back for one training set and seed: what `generate` needs, and its record."
+    collections:object # `nucbook.augment.cells.CellCollections` of the training images
+    count_dist:CountDistribution # objects per training image
+    searches:dict # 'single', 'multi' -> `SearchResult` (a kind without cells gets the other kind's: compose never asks for it)
+    compose:dict # `compose` settings: size, background, top, alpha, fill
+    record:dict # JSON-able: what was trained (name, n_params, steps, profile, seconds, weights, ...), what this call trained
+    skip:str|None=None # why nothing could be trained, or None
+
+def bench_generator(
+    train:list, # the real training Samples (typed or untyped)
+    seed:int, # seed of the noise windows, the WAE, the searches
+    work:str|Path, # folder of the WAE checkpoint (`wae/`) and the search files, resumed from
+    profile:str='smoke', # 'smoke' or 'full' (`BENCH_PROFILES`)
+    device:str='cpu', # torch device of the WAE training and scoring
+) -> SemanticGenerator:
+    "The collections of `train`, the WAE-MMD scorer trained on their cells and both greedy searches, each resumed from `work`."
+    P, work, t0 = bench_profile(profile), Path(work), time.time()
+    col = collections(train, min_area=P['min_area'], noise_size=P['noise_size'], n_noise=P['n_noise'], seed=seed)
+    cd, cells = count_distribution(train), col.single + col.multi
+    if len(cells) < 2:
+        return SemanticGenerator(col, cd, {}, {}, {}, skip=f'the training images hold {len(cells)} single- or multi-cell(s) away '
+                                 'from the image borders: too few to train the scorer and compose images')
+    bg_px = np.concatenate([s.image[s.inst_map == 0] for s in train])
+    fill = np.median(bg_px, axis=0).astype(np.uint8).tolist() if len(bg_px) else [0, 0, 0]
+    dark = float(np.mean([is_dark_field(s) for s in train])) > 0.5
+    background, why = ('blank', 'most training images are dark-field') if dark else ('noise', 'most training images are not dark-field')
+    if background == 'noise' and not col.noise: background, why = 'blank', f"no nucleus-free {P['noise_size']} px window for noise pieces"
+    state = rng_state()  # the caller's global random state, restored below (WAE init; a resumed checkpoint sets it)
+    try:
+        torch.manual_seed(seed)
+        model = WAE(**wae_config(P['wae']))
+        x = cell_batch(cells, model.size)
+        run = train_wae(model, x, work/'wae', steps=P['wae_steps'], batch_size=min(P['wae_batch'], len(x)), lam=P['wae_lam'],
+                        seed=seed, device=device, ckpt_every=max(50, P['wae_steps'] // 10))
+    finally: set_rng_state(state)
+    model = run.model.eval()
+    free = [o for o in OPERATIONS if op_value(o, 0) is None]  # FlipLR, FlipUD, AutoContrast, Equalize, Smooth: scored once each
+    searches, scored = {}, 0
+    for kind, pool in (('single', col.single), ('multi', col.multi)):
+        if not pool: continue
+        sf = wae_scorer(model, pool, P['n_cells'], seed)
+        searches[kind] = greedy_search(sf, OPERATIONS, MAGNITUDES, max_depth=P['max_depth'], keep=P['keep'], max_policies=P['max_policies'],
+                                       out=work/f'search_{kind}.json', seed=seed, scorer=sf.settings, single_magnitude=free)
+        scored += searches[kind].scored_now
+    record = dict(name='semantic-aware: WAE-MMD scorer + Greedy AutoAugment policies', profile=profile, wae=P['wae'],
+                  n_params=int(sum(p.numel() for p in model.parameters())), steps=int(run.step), weights=str(work/'wae'/'wae.pt'),
+                  weights_digest=weights_digest(model), device=str(device),
+                  cells=dict(single=len(col.single), multi=len(col.multi), noise=len(col.noise)),
+                  searches={k: dict(policies=len(r), layers=len(r.layers), stopped=r.stopped, best=policy_name(r.best['policy']),
+                                    best_score=round(float(r.best['score']), 6)) for k, r in searches.items()})
+    for kind in ('single', 'multi'): searches.setdefault(kind, searches['multi' if kind == 'single' else 'single'])
+    this_call = dict(wae_steps=int(run.step - run.resumed_from), policies_scored=int(scored), seconds=round(time.time() - t0, 2))
+    spent = work/'seconds.json'  # seconds of training over every call that trained something
+    seconds = json.loads(spent.read_text())['seconds'] if spent.exists() else 0.0
+    if this_call['wae_steps'] or this_call['policies_scored']: seconds += this_call['seconds']; atomic_write_json(spent, {'seconds': seconds})
+    compose_kw = dict(size=bench_side(train, profile), background=background, top=P['top'], alpha=P['alpha'], fill=fill)
+    record.update(seconds=round(seconds, 2), background=background, background_reason=why, fill=fill, size=compose_kw['size'],
+                  this_call=this_call)
+    return SemanticGenerator(col, cd, searches, compose_kw, record)
+
+def bench_rows(
+    train:list, # the real training Samples of one dataset (typed, `s.inst_types`, when the dataset has classes)
+    seed:int, # seed of the generator training and of every draw (same seed -> same output, bit for bit on CPU)
+    work:str|Path, # this method's folder for this dataset and seed: WAE checkpoint, search files, generated sets
+    n_synthetic:int, # how many generated Samples the row returns
+    profile:str='smoke', # 'smoke' (CPU, seconds) or 'full' (the paper profile, GPU)
+    k:int=3, # rare nuclei to insert (rare-class rows): unused, this method has none
+    rare:int|None=None, # the rare type id: unused, this method has no rare-class row
+    device:str='cpu', # torch device of the WAE training and scoring
+    rows:list|None=None, # only these rows (None: all, i.e. 'Semantic-aware'); [] trains nothing
+) -> dict:
+    "The benchmark's row of semantic-aware augmentation (issue 19): 'Semantic-aware', `n_synthetic` composed images (kind 'synthetic')."
+    if rows is not None:
+        unknown = [r for r in rows if r != SEMANTIC_BENCH_ROW]
+        if unknown: raise ValueError(f'bench_rows: unknown rows {unknown}; semantic-aware augmentation has the row {SEMANTIC_BENCH_ROW!r} only')
+        if SEMANTIC_BENCH_ROW not in rows: return {}
+    P = bench_profile(profile)
+    if isinstance(n_synthetic, bool) or not isinstance(n_synthetic, (int, np.integer)) or n_synthetic < 1:
+        raise ValueError(f'bench_rows: n_synthetic must be a whole number >= 1, got {n_synthetic!r}')
+    train = list(train)
+    if not train: raise ValueError('bench_rows: no training images')
+    for i, s in enumerate(train): check_sample(s, f'train[{i}]')
+    typed = train[0].has_types
+    if any(s.has_types != typed for s in train): raise ValueError('bench_rows: train mixes typed and untyped samples')
+    work, n, side = Path(work), int(n_synthetic), bench_side(train, profile)
+    work.mkdir(parents=True, exist_ok=True)
+    settings = dict(format=BENCH_FORMAT, row=SEMANTIC_BENCH_ROW, profile=profile, seed=int(seed), settings=P, side=side, typed=typed,
+                    train=data_identity(train))
+    claim_settings(work/'bench.json', settings, f'{work} holds a semantic-aware generator made with other settings: pass another '
+                   '`work` folder, or delete this one to start over.')
+    gen = bench_generator(train, seed, work, profile, device)
+    if gen.skip: return {SEMANTIC_BENCH_ROW: {'skip': gen.skip}}
+    path = work/f'synthetic_n{n}.npz'
+    read_back = path.exists()
+    want = json.loads(json.dumps(jsonable(dict(bench=settings, n_synthetic=n, compose=gen.compose))))
+    if read_back:
+        samples, have = load_samples(path, BENCH_FORMAT)
+        diff = settings_diff(have, want)
+        if diff: raise SettingsMismatch(path, diff, hint=f'{work}: delete this generated set to make it again.')
+    else:
+        samples = generate(gen.collections, gen.searches['single'], gen.searches['multi'], gen.count_dist, n, seed=seed, **gen.compose)
+        for i, s in enumerate(samples):
+            objs = s.meta['augment'][-1]['steps'][0]['objects']
+            s.meta.update(image_id=f'{SEMANTIC_BENCH_ROW}-seed{seed}-{i:04d}', source=sorted({o['source'] for o in objs}),
+                          method=SEMANTIC_BENCH_ROW)
+            s.meta = json.loads(json.dumps(jsonable(s.meta)))  # as it is read back
+            check_sample(s, s.meta['image_id'])
+        save_samples(path, samples, want, kind=BENCH_FORMAT)
+    note = (f"{n} images of {side} px composed from the training set's own cells under searched policies ({gen.compose['background']} "
+            f"background); " + ("each pasted nucleus keeps its source nucleus's type" if typed else 'untyped, as the training set'))
+    return {SEMANTIC_BENCH_ROW: {'synthetic': samples, 'synthesises': True, 'note': note,
+                                 'generator': dict(gen.record, n_synthetic=n, generated_read_back=read_back)}}
 
 # %% ../../nbs/15_semantic.ipynb #5ffaf309
 COMPARATOR = 'HoVer-Net' # the segmenter nucbook trains; every detector or segmenter of the paper is an "other segmenter"
